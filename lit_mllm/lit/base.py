@@ -1,0 +1,155 @@
+"""What every family's LightningModule shares: the stage (what trains), the language-modelling loss on
+supervised tokens, metrics, optimizer wiring and prediction. A family adds its parts and ``forward``.
+
+Metric names are ``split/name``: ``train/loss``, ``val/loss``, ``val/accuracy`` (reply exact match,
+see :mod:`lit_mllm.eval.metrics`), ``test/...``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lit_mllm.data.processor import Processor
+from lit_mllm.eval.metrics import ReplyExactMatch
+from lit_mllm.nn.language.chat import IGNORE_INDEX
+from lit_mllm.training.stages import Stage, apply_stage, count, trainable_table
+
+
+class NoSupervisedTokens(ValueError):
+    """A batch has nothing to learn: its loss would be a silent zero."""
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
+    """Mean next-token cross-entropy over supervised tokens (``labels != -100``), computed in fp32.
+
+    ``logits [B, L, V]`` predict ``labels [B, L]`` shifted by one. A batch with no supervised token raises
+    :class:`NoSupervisedTokens` naming its samples.
+    """
+    target = labels[:, 1:]
+    supervised = int((target != IGNORE_INDEX).sum())
+    if supervised == 0:
+        raise NoSupervisedTokens(
+            f"batch of samples {ids} has no supervised token (every label is -100); check the chat format "
+            "and that each sample ends with a non-empty assistant reply"
+        )
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss / supervised
+
+
+class VLMModule(L.LightningModule):
+    """Base of the family modules; subclasses define ``parts``, ``forward``, ``processor`` and ``generate``."""
+
+    def __init__(
+        self,
+        stage: Stage | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.stage = stage or Stage()
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_new_tokens = max_new_tokens
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{m}": (ReplyExactMatch() if m == "accuracy" else MeanMetric())
+                for split in ("val", "test")
+                for m in ("loss", "accuracy")
+            }
+        )
+
+    # -- to be provided by a family ---------------------------------------------------------------------------
+    @abstractmethod
+    def parts(self) -> dict[str, nn.Module]:
+        """The named parts a stage can train (e.g. ``vision_tower``, ``connector``, ``language_model``)."""
+
+    @abstractmethod
+    def processor(self) -> Processor:
+        """The processor the DataModule uses to turn samples into this model's inputs."""
+
+    @abstractmethod
+    def generate(self, batch: dict, **kwargs) -> list[str]:
+        """Decoded continuations of a left-padded generation batch."""
+
+    # -- stage ------------------------------------------------------------------------------------------------
+    def apply_stage(self) -> None:
+        """Freeze all parts but the stage's; call at the end of a family's ``__init__``."""
+        apply_stage(self.parts(), self.stage)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # frozen parts stay in eval mode whatever Lightning asks
+            for name, module in self.parts().items():
+                if name not in self.stage.trainable:
+                    module.eval()
+        return self
+
+    def describe(self) -> dict[str, int | str]:
+        """Figures logged as hyperparameters of every run, so runs can be compared on them."""
+        facts: dict[str, int | str] = {"stage": self.stage.name}
+        for name, part in self.parts().items():
+            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = count(part)
+        facts["params/total"], facts["params_trainable/total"] = count(self)
+        return facts
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(trainable_table(self.parts(), self.stage))
+        if self.logger is not None:
+            self.logger.log_hyperparams(self.describe())
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = lm_loss(self(batch), batch["labels"], batch["ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        logits = self(batch)
+        loss = lm_loss(logits, batch["labels"], batch["ids"])
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self.metrics[f"{split}_loss"].update(loss, weight=tokens)
+        self.metrics[f"{split}_accuracy"].update(logits, batch["labels"])
+        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], prog_bar=True, batch_size=len(batch["ids"]))
+        self.log(
+            f"{split}/accuracy",
+            self.metrics[f"{split}_accuracy"],
+            prog_bar=True,
+            batch_size=len(batch["ids"]),
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        answers = self.generate(batch, max_new_tokens=self.max_new_tokens)
+        return [
+            {"id": i, "prompt": p, "answer": a, "reference": r}
+            for i, p, a, r in zip(batch["ids"], batch["prompt"], answers, batch["reference"])
+        ]
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.stage.name!r} leaves nothing to train")
+        optimizer = self.optimizer(params)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # a schedule that spans the whole run
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

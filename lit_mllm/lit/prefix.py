@@ -1,0 +1,109 @@
+"""Prefix fusion family (LLaVA / LLaVA-1.5 / MM1 / BLIP-2 stage 2 / Qwen-VL / POINTS): the vision tower's
+features go through a connector and replace the image-token embeddings of the LLM input.
+
+    pixel_values [I, 3, S, S] --vision_tower--> [I, N, D_v] --connector--> [I, T, D_llm]
+    input_ids [B, L] --embed--> [B, L, D_llm] --splice at image tokens--> --language_model--> logits [B, L, V]
+
+Widths come from the parts: the connector is built here from ``vision_tower.hidden_size`` and
+``language_model.hidden_size``; ``T`` comes from the connector and is handed to the data pipeline.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lit_mllm.data.images import ImageTransform
+from lit_mllm.data.processor import Processor
+from lit_mllm.lit.base import VLMModule
+from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector
+from lit_mllm.nn.fusion.prefix import splice_image_features
+from lit_mllm.nn.language.model import LanguageModel
+from lit_mllm.nn.vision.base import VisionTower
+from lit_mllm.training.stages import Stage
+
+
+class PrefixFusionVLM(VLMModule):
+    """A vision tower, a connector and a decoder LLM joined by splicing image features into the input."""
+
+    def __init__(
+        self,
+        vision_tower: VisionTower,
+        language_model: LanguageModel,
+        connector: ConnectorFactory = MLPConnector,
+        stage: Stage | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
+        """
+        Args:
+            vision_tower: Image encoder giving ``[B, N, D_v]`` features.
+            language_model: Decoder LLM with its tokenizer and chat format.
+            connector: Connector class and its options; called with ``(D_v, D_llm)``.
+            stage: What trains (default: connector + language model, LLaVA's finetune stage).
+            optimizer: Optimizer class and options (parameters are filled in).
+            scheduler: Learning-rate scheduler class and options, stepped every optimizer step.
+            max_new_tokens: Longest generated reply in ``predict``.
+        """
+        super().__init__(stage, optimizer, scheduler, max_new_tokens)
+        self.save_hyperparameters(
+            ignore=["vision_tower", "language_model", "connector", "optimizer", "scheduler"]
+        )
+        self.vision_tower = vision_tower
+        self.language_model = language_model
+        self.connector = connector(vision_tower.hidden_size, language_model.hidden_size)
+        self.tokens_per_image = self.connector.num_tokens(vision_tower.num_features)
+        self.apply_stage()
+
+    def describe(self) -> dict[str, int | str]:
+        return {**super().describe(), "image_tokens": self.tokens_per_image}
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {
+            "vision_tower": self.vision_tower,
+            "connector": self.connector,
+            "language_model": self.language_model,
+        }
+
+    def processor(self) -> Processor:
+        tower, lm = self.vision_tower, self.language_model
+        return Processor(
+            tokenizer=lm.tokenizer,
+            chat_format=lm.chat_format,
+            image_transform=ImageTransform(tower.image_size, tower.mean, tower.std),
+            image_token=lm.image_token,
+            image_token_id=lm.image_token_id,
+            tokens_per_image=self.tokens_per_image,
+            max_length=lm.max_length,
+        )
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision_tower" in self.stage.trainable):
+            features = self.vision_tower(pixel_values)  # [I, N, D_v]
+        return self.connector(features)  # [I, T, D_llm]
+
+    def embed(self, batch: dict) -> Tensor:
+        """Input embeddings ``[B, L, D_llm]`` with image features spliced in."""
+        text = self.language_model.embed(batch["input_ids"])
+        images = None if batch["pixel_values"] is None else self.encode_images(batch["pixel_values"])
+        return splice_image_features(
+            text,
+            batch["input_ids"],
+            self.language_model.image_token_id,
+            images,
+            batch["images_per_sample"],
+            batch["ids"],
+        )
+
+    def forward(self, batch: dict) -> Tensor:
+        """Logits ``[B, L, V]`` for a collated batch."""
+        return self.language_model(self.embed(batch), batch["attention_mask"])
+
+    @torch.no_grad()
+    def generate(self, batch: dict, **kwargs) -> list[str]:
+        kwargs.setdefault("do_sample", False)
+        new = self.language_model.generate(self.embed(batch), batch["attention_mask"], **kwargs)
+        return self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -1,0 +1,1 @@
+"""Plain PyTorch building blocks (no Lightning import): towers, language models, connectors, fusion."""

@@ -1,0 +1,5 @@
+"""Fusion mechanisms: how connector outputs reach the LLM."""
+
+from lit_mllm.nn.fusion.prefix import ImageTokenMismatch, splice_image_features
+
+__all__ = ["ImageTokenMismatch", "splice_image_features"]

@@ -1,0 +1,170 @@
+"""Chat formats: how a conversation becomes one string, and which characters of it the model learns.
+
+A format renders turns to text and returns the character spans to supervise (each assistant reply
+plus its end-of-turn marker). :func:`encode_conversation` tokenizes the whole string once and marks a
+token as learned when it covers any supervised character, so labels always agree with the tokenization
+actually used (no per-round re-tokenization, no "tokenization mismatch" to ignore).
+
+Formats:
+- :class:`VicunaV1` — LLaVA-v1 / Vicuna v1.1 (``conv_vicuna_v1``): ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``
+- :class:`Plain` — LLaVA pretraining (``conv_llava_plain``): ``<image>caption</s>``, caption learned
+- :class:`TokenizerTemplate` — the tokenizer's own Jinja ``chat_template`` (ChatML, Llama, Qwen, ...)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+IGNORE_INDEX = -100
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    text: str
+
+
+@dataclass
+class Rendered:
+    text: str
+    learn: list[tuple[int, int]]
+    """Half-open character spans ``[start, end)`` of ``text`` that are supervised."""
+
+
+def check_turns(turns: Sequence[Turn], for_generation: bool = False) -> None:
+    """Raise ``ValueError`` unless turns are ``[system] user assistant user assistant ...``.
+
+    For training the last turn is an assistant reply; for generation it is a user turn.
+    """
+    body = list(turns[1:] if turns and turns[0].role == "system" else turns)
+    if not body:
+        raise ValueError("conversation has no user/assistant turns")
+    for i, turn in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise ValueError(f"turn {i} should be a {expected} turn, got {turn.role!r}: turns must alternate")
+    last = "user" if for_generation else "assistant"
+    if body[-1].role != last:
+        raise ValueError(
+            f"conversation must end with a {last} turn {'to answer' if for_generation else 'to learn'}"
+        )
+
+
+class ChatFormat(ABC):
+    """Renders a conversation; subclasses implement :meth:`render`."""
+
+    @abstractmethod
+    def render(self, turns: Sequence[Turn], tokenizer, add_generation_prompt: bool = False) -> Rendered:
+        """Text of ``turns`` and its supervised spans; with ``add_generation_prompt`` the text ends where the
+        assistant's reply should begin (``turns`` then ends with a user turn)."""
+
+
+class VicunaV1(ChatFormat):
+    """LLaVA-v1 conversation format (Vicuna v1.1), as used by LLaVA-1.5 finetuning."""
+
+    def __init__(
+        self,
+        system: str = "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        user: str = "USER",
+        assistant: str = "ASSISTANT",
+    ) -> None:
+        """
+        Args:
+            system: System prompt used when the conversation brings none.
+            user: Name of the user role in the text.
+            assistant: Name of the assistant role in the text.
+        """
+        self.system, self.user, self.assistant = system, user, assistant
+
+    def render(self, turns, tokenizer, add_generation_prompt=False):
+        check_turns(turns, for_generation=add_generation_prompt)
+        system = self.system
+        if turns[0].role == "system":
+            system, turns = turns[0].text, turns[1:]
+        text = (tokenizer.bos_token or "") + system + " "
+        learn = []
+        for turn in turns:
+            if turn.role == "user":
+                text += f"{self.user}: {turn.text} {self.assistant}:"
+            else:
+                start = len(text)
+                text += " " + turn.text + tokenizer.eos_token
+                learn.append((start, len(text)))
+        return Rendered(text, learn)
+
+
+class Plain(ChatFormat):
+    """LLaVA pretraining format: the user turn contributes only its image placeholders, the reply is learned."""
+
+    def __init__(self, image_token: str = "<image>") -> None:
+        """
+        Args:
+            image_token: Placeholder kept from the user turn.
+        """
+        self.image_token = image_token
+
+    def render(self, turns, tokenizer, add_generation_prompt=False):
+        check_turns(turns, for_generation=add_generation_prompt)
+        body = [t for t in turns if t.role != "system"]
+        if len(body) > 2:
+            raise ValueError("the Plain format takes single-round conversations (one user turn, one reply)")
+        text = (tokenizer.bos_token or "") + self.image_token * body[0].text.count(self.image_token)
+        learn = []
+        if not add_generation_prompt:
+            start = len(text)
+            text += body[1].text + tokenizer.eos_token
+            learn.append((start, len(text)))
+        return Rendered(text, learn)
+
+
+class TokenizerTemplate(ChatFormat):
+    """The tokenizer's own ``chat_template``; supervised spans are found by rendering growing prefixes.
+
+    Requires the template to be prefix-stable (rendering the first k turns is a prefix of rendering all),
+    which holds for ChatML, Llama-2/3, Qwen, Mistral templates; a clear error is raised otherwise.
+    """
+
+    def render(self, turns, tokenizer, add_generation_prompt=False):
+        check_turns(turns, for_generation=add_generation_prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no chat_template; choose a ChatFormat explicitly "
+                "(VicunaV1 or Plain) for this language model"
+            )
+
+        def apply(ts, gen):
+            msgs = [{"role": t.role, "content": t.text} for t in ts]
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        text = apply(turns, add_generation_prompt)
+        learn = []
+        for i, turn in enumerate(turns):
+            if turn.role != "assistant":
+                continue
+            prefix, upto = apply(turns[:i], True), apply(turns[: i + 1], False)
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise ValueError(
+                    "the tokenizer's chat_template is not prefix-stable (rendering fewer turns is not a prefix "
+                    "of rendering more), so supervised tokens cannot be located; use another ChatFormat"
+                )
+            learn.append((len(prefix), len(upto)))
+        return Rendered(text, learn)
+
+
+def encode_conversation(
+    tokenizer, chat_format: ChatFormat, turns: Sequence[Turn], add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Tokenize a conversation once; return ``(input_ids, labels)`` with ``IGNORE_INDEX`` on unlearned tokens."""
+    rendered = chat_format.render(turns, tokenizer, add_generation_prompt)
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok, (a, b) in zip(ids, offsets):
+        learned = any(a < end and b > start for start, end in rendered.learn)
+        labels.append(tok if learned else IGNORE_INDEX)
+    return ids, labels

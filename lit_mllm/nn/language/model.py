@@ -1,0 +1,181 @@
+"""The language model: any Hugging Face causal LM with its tokenizer and chat format, plus tiny offline
+presets (Llama-like and Qwen2-like) built from a config and the shipped tiny tokenizer.
+
+The wrapper adds the image placeholder token (resizing embeddings when it is new), picks a pad token,
+and exposes the three things a family needs: ``embed`` ids, run the decoder on embeddings, ``generate``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_mllm.nn.language.chat import ChatFormat, TokenizerTemplate, VicunaV1
+from lit_mllm.nn.language.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER_DIR
+
+
+class LanguageModel(nn.Module):
+    """A ``transformers`` causal LM (``AutoModelForCausalLM``) by hub name or local path."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        tokenizer: str | None = None,
+        chat_format: ChatFormat | None = None,
+        image_token: str = IMAGE_TOKEN,
+        dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        attn_implementation: str | None = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            name_or_path: Hub name (``lmsys/vicuna-7b-v1.5``) or local folder saved with ``save_pretrained``.
+            tokenizer: Tokenizer name or path if it differs from ``name_or_path``.
+            chat_format: How conversations are rendered; None uses the tokenizer's own chat template.
+            image_token: Placeholder for one image in the text; added to the vocabulary if missing.
+            dtype: Weight dtype to load (``bfloat16``, ``float16``, ``float32``); None keeps the checkpoint's.
+            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+            trust_remote_code: Allow code shipped with the checkpoint to run; off unless you trust the source.
+        """
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=getattr(torch, dtype) if dtype else "auto",
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        self._wrap(model, tok, chat_format or TokenizerTemplate(), image_token)
+
+    def _wrap(self, model: nn.Module, tokenizer, chat_format: ChatFormat, image_token: str) -> None:
+        if image_token not in tokenizer.get_vocab():
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens(
+                [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
+            )
+        if tokenizer.pad_token is None:  # Llama/Vicuna ship none; labels mask padding anyway
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has no eos_token; replies need an end marker"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.hidden_size = model.config.hidden_size
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """``[B, L] -> [B, L, D]`` token embeddings."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``[B, L, D] -> [B, L, V]`` logits."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+        """Greedy/sampled continuation with a KV cache; returns only the new token ids ``[B, L_new]``."""
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+
+
+class TinyLlama(LanguageModel):
+    """A randomly initialised Llama-architecture LM with the shipped tiny tokenizer (Vicuna v1 chat format)."""
+
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        intermediate_size: int | None = None,
+        max_length: int = 512,
+        chat_format: ChatFormat | None = None,
+    ) -> None:
+        """
+        Args:
+            hidden_size: Model width.
+            num_layers: Decoder layers.
+            num_heads: Attention heads.
+            num_kv_heads: Key/value heads (grouped-query attention when smaller than ``num_heads``).
+            intermediate_size: MLP width; default ``3 * hidden_size``.
+            max_length: Context length in tokens (image tokens included).
+            chat_format: Conversation format; default Vicuna v1 as in LLaVA-1.5.
+        """
+        nn.Module.__init__(self)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = _tiny_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 3 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        self._wrap(LlamaForCausalLM(config), tok, chat_format or VicunaV1(), IMAGE_TOKEN)
+
+
+class TinyQwen2(LanguageModel):
+    """A randomly initialised Qwen2-architecture LM with the shipped tiny tokenizer (its ChatML template)."""
+
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        intermediate_size: int | None = None,
+        max_length: int = 512,
+        chat_format: ChatFormat | None = None,
+    ) -> None:
+        """
+        Args:
+            hidden_size: Model width.
+            num_layers: Decoder layers.
+            num_heads: Attention heads.
+            num_kv_heads: Key/value heads.
+            intermediate_size: MLP width; default ``3 * hidden_size``.
+            max_length: Context length in tokens (image tokens included).
+            chat_format: Conversation format; default the tokenizer's ChatML template.
+        """
+        nn.Module.__init__(self)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        tok = _tiny_tokenizer()
+        config = Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 3 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        self._wrap(Qwen2ForCausalLM(config), tok, chat_format or TokenizerTemplate(), IMAGE_TOKEN)

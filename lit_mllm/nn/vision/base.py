@@ -1,0 +1,65 @@
+"""What every vision tower provides: ``[B, 3, H, W] -> [B, N, D]`` patch features plus the facts the rest of
+the model needs before running (width ``hidden_size``, patch grid, ``num_features`` N, preprocessing).
+
+``feature_layer`` follows the Hugging Face ``hidden_states`` convention used by LLaVA: index ``i`` is the
+output of block ``i`` (1-based; 0 would be the embeddings, which no recipe reads and is refused); ``-1``
+is the last block, ``-2`` the penultimate (LLaVA's choice). Blocks after the chosen layer are removed at build time, so a frozen tower
+never computes layers whose output nobody reads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def layers_to_keep(feature_layer: int, num_layers: int) -> int:
+    """Number of blocks needed to produce ``hidden_states[feature_layer]`` of a ``num_layers``-block tower."""
+    index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 1 <= index <= num_layers:
+        raise ValueError(
+            f"feature_layer={feature_layer} is out of range for a tower with {num_layers} blocks: "
+            f"use 1..{num_layers} or -{num_layers}..-1 (-2 is LLaVA's penultimate layer)"
+        )
+    return index
+
+
+class VisionTower(nn.Module, ABC):
+    """Base class of vision towers; subclasses set the attributes below and implement ``forward``."""
+
+    hidden_size: int
+    """Width D of the output features."""
+    image_size: int
+    """Side of the square input image in pixels."""
+    patch_size: int
+    """Side of one patch in pixels."""
+    num_prefix_tokens: int
+    """Non-patch tokens the tower emits before the patches (CLS, registers)."""
+    keep_cls: bool
+    """Whether prefix tokens are kept in the output (LLaVA's ``full`` strategy) or dropped (``default``)."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)``."""
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_features(self) -> int:
+        """N: features per image in the output of ``forward``."""
+        rows, cols = self.grid
+        return rows * cols + (self.num_prefix_tokens if self.keep_cls else 0)
+
+    def select(self, hidden: Tensor) -> Tensor:
+        """Drop prefix tokens unless ``keep_cls``: ``[B, P + R*C, D] -> [B, N, D]``."""
+        return hidden if self.keep_cls else hidden[:, self.num_prefix_tokens :]
+
+    @abstractmethod
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """``[B, 3, H, W] -> [B, N, D]``."""

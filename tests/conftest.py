@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny towers, language models, a small ShapesWorld folder, and collated batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lit_mllm.data import ConversationData, ShapesWorld, collate, read_llava  # noqa: E402
+from lit_mllm.lit import PrefixFusionVLM  # noqa: E402
+from lit_mllm.nn.language import TinyLlama  # noqa: E402
+from lit_mllm.nn.vision import TinyCLIPVision  # noqa: E402
+from lit_mllm.training import Stage  # noqa: E402
+
+
+def tiny_model(stage: Stage | None = None, **lm) -> PrefixFusionVLM:
+    torch.manual_seed(0)
+    return PrefixFusionVLM(
+        TinyCLIPVision(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
+        TinyLlama(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, **lm),
+        stage=stage,
+    )
+
+
+@pytest.fixture
+def model() -> PrefixFusionVLM:
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sw") / "shapesworld"
+    ShapesWorld(image_size=32, num_train=24, num_val=8, num_test=8, min_object_px=4).write(root)
+    return root
+
+
+@pytest.fixture
+def datamodule(shapes_root, model) -> ConversationData:
+    dm = ConversationData(str(shapes_root), batch_size=4, num_workers=0)
+    dm.connect(model.processor())
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture
+def batch(shapes_root, model) -> dict:
+    """Four training samples of mixed length plus one text-only sample."""
+    proc = model.processor()
+    samples = read_llava(shapes_root / "train.json")[:4]
+    text_only = read_llava(shapes_root / "train.json")[4]
+    text_only.images = []
+    text_only.turns[0] = type(text_only.turns[0])("user", text_only.turns[0].text.replace("<image>\n", ""))
+    items = [proc(s) for s in samples + [text_only]]
+    return collate(items, pad_token_id=proc.tokenizer.pad_token_id)

@@ -1,0 +1,134 @@
+"""The real entry point: quickstart under fast_dev_run, a short run that leaves a run folder with the resolved
+config and split/name metrics, then validate / test / predict from its checkpoint; help texts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_mllm.cli import main
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+
+def small(root, out) -> list[str]:
+    return [
+        "--config",
+        QUICKSTART,
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batch_size",
+        "4",
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+    ]
+
+
+def test_quickstart_fast_dev_run_generates_its_data(tmp_path):
+    root = tmp_path / "sw"
+    main(
+        [
+            "fit",
+            *small(root, tmp_path),
+            "--trainer.fast_dev_run",
+            "2",
+            "--data.init_args.generate_if_missing.init_args.num_train",
+            "8",
+            "--data.init_args.generate_if_missing.init_args.num_val",
+            "4",
+            "--data.init_args.generate_if_missing.init_args.num_test",
+            "4",
+        ]
+    )
+    assert (root / "train.json").is_file() and (root / "shapesworld.json").is_file()
+
+
+def scalars(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
+    cli = main(
+        [
+            "fit",
+            *small(shapes_root, tmp_path),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "2",
+        ]
+    )
+    run = Path(cli.trainer.log_dir)
+    assert run.parent.name == "quickstart"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["init_args"]["connector"]["class_path"] == "lit_mllm.nn.connectors.MLPConnector"
+    tags = scalars(run)
+    assert {"train/loss", "val/loss", "val/accuracy", "val/baseline/majority", "val/baseline/blind"} <= tags
+    out = capsys.readouterr().out + capsys.readouterr().err
+    ckpt = next(run.glob("checkpoints/*.ckpt"))
+
+    main(["validate", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
+    test = main(["test", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
+    assert "test/accuracy" in test.trainer.callback_metrics
+    pred = main(
+        [
+            "predict",
+            *small(shapes_root, tmp_path),
+            "--ckpt_path",
+            str(ckpt),
+            "--model.init_args.max_new_tokens",
+            "4",
+        ]
+    )
+    lines = (Path(pred.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and all('"reference"' in line for line in lines)
+    assert out is not None
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--help"], "lit-mllm data shapesworld"),
+        (["fit", "--help"], "--model"),
+        (["fit", "--model.help", "lit_mllm.lit.PrefixFusionVLM"], "Connector class and its options"),
+        (
+            [
+                "fit",
+                "--model",
+                "lit_mllm.lit.PrefixFusionVLM",
+                "--model.init_args.language_model.help",
+                "lit_mllm.nn.language.TinyLlama",
+            ],
+            "Context length in tokens",
+        ),
+        (["data", "shapesworld", "--help"], "Side of the smallest objects in pixels"),
+    ],
+)
+def test_help_explains_itself(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_unknown_class_is_a_clear_error(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                *small(tmp_path / "sw", tmp_path),
+                "--model.init_args.connector",
+                "lit_mllm.nn.connectors.NoSuch",
+            ]
+        )
+    assert "NoSuch" in capsys.readouterr().err
