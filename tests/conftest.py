@@ -17,6 +17,20 @@ from lit_mllm.nn.vision import TinyCLIPVision  # noqa: E402
 from lit_mllm.training import Stage  # noqa: E402
 
 
+def tiny_clip_vision_config():
+    """The tiny CLIP vision architecture the reference-comparison tests save and reload."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+    )
+
+
 def tiny_model(stage: Stage | None = None, **lm) -> PrefixFusionVLM:
     torch.manual_seed(0)
     return PrefixFusionVLM(

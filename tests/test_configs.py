@@ -9,6 +9,7 @@ import yaml
 
 from lit_mllm.cli import build_cli
 from lit_mllm.lit import PrefixFusionVLM
+from tests.conftest import tiny_clip_vision_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_LEVEL = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -19,22 +20,13 @@ STAGES = sorted((CONFIGS / "stage").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """A tiny CLIP vision tower and a tiny Llama with a tokenizer, saved like hub checkpoints."""
-    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from lit_mllm.nn.language.tokenizer import TINY_TOKENIZER_DIR
 
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-        )
-    ).save_pretrained(root / "clip")
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(root / "clip")
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     LlamaForCausalLM(
         LlamaConfig(

@@ -3,7 +3,6 @@ and loss (fp32). Our model is loaded through the real loading code from folders 
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -17,6 +16,7 @@ from lit_mllm.nn.connectors import MLPConnector
 from lit_mllm.nn.language import LanguageModel, VicunaV1
 from lit_mllm.nn.language.tokenizer import TINY_TOKENIZER_DIR
 from lit_mllm.nn.vision import HFVisionTower
+from tests.conftest import tiny_clip_vision_config
 
 
 def test_logits_and_loss_match_transformers_llava(tmp_path, shapes_root):
@@ -25,14 +25,7 @@ def test_logits_and_loss_match_transformers_llava(tmp_path, shapes_root):
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     torch.manual_seed(0)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-        ),
+        vision_config=tiny_clip_vision_config(),
         text_config=LlamaConfig(
             vocab_size=len(tok),
             hidden_size=48,

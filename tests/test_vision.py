@@ -4,29 +4,19 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 
 from lit_mllm.nn.vision import HFVisionTower, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.nn.vision.base import layers_to_keep
 from lit_mllm.nn.vision.hf import _block_list
-
-
-def _clip_vision_config():
-    return CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-    )
+from tests.conftest import tiny_clip_vision_config
 
 
 @pytest.mark.parametrize("feature_layer", [-1, -2, 1, 3])
 @pytest.mark.parametrize("keep_cls", [False, True])
 def test_hf_tower_reads_hidden_state(tmp_path, feature_layer, keep_cls):
     torch.manual_seed(0)
-    ref = CLIPVisionModel(_clip_vision_config()).eval()
+    ref = CLIPVisionModel(tiny_clip_vision_config()).eval()
     ref.save_pretrained(tmp_path)
     tower = HFVisionTower(str(tmp_path), feature_layer=feature_layer, keep_cls=keep_cls).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -46,7 +36,7 @@ def test_hf_tower_takes_vision_half_of_full_clip(tmp_path):
     torch.manual_seed(0)
     full = CLIPModel(
         CLIPConfig(
-            vision_config=_clip_vision_config().to_dict(),
+            vision_config=tiny_clip_vision_config().to_dict(),
             text_config={
                 "hidden_size": 16,
                 "intermediate_size": 32,

@@ -90,10 +90,20 @@ class LanguageModel(nn.Module):
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
-def _tiny_tokenizer():
+def _tiny_config(config_cls, **arch):
+    """A config of ``config_cls`` sized by ``arch``, with the shipped tiny tokenizer's vocabulary and ids."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    arch["intermediate_size"] = arch["intermediate_size"] or 3 * arch["hidden_size"]
+    config = config_cls(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **arch,
+    )
+    return config, tok
 
 
 class TinyLlama(LanguageModel):
@@ -122,24 +132,21 @@ class TinyLlama(LanguageModel):
         nn.Module.__init__(self)
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tok = _tiny_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok),
+        config, tok = _tiny_config(
+            LlamaConfig,
             hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 3 * hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
             max_position_embeddings=max_length,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         )
         self._wrap(LlamaForCausalLM(config), tok, chat_format or VicunaV1(), IMAGE_TOKEN)
 
 
 class TinyQwen2(LanguageModel):
-    """A randomly initialised Qwen2-architecture LM with the shipped tiny tokenizer (its ChatML template)."""
+    """A randomly initialised Qwen2-architecture LM (tied embeddings) with the shipped tiny tokenizer and its
+    ChatML template."""
 
     def __init__(
         self,
@@ -164,18 +171,14 @@ class TinyQwen2(LanguageModel):
         nn.Module.__init__(self)
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        tok = _tiny_tokenizer()
-        config = Qwen2Config(
-            vocab_size=len(tok),
+        config, tok = _tiny_config(
+            Qwen2Config,
             hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 3 * hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
             max_position_embeddings=max_length,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
             tie_word_embeddings=True,
         )
         self._wrap(Qwen2ForCausalLM(config), tok, chat_format or TokenizerTemplate(), IMAGE_TOKEN)
