@@ -1,6 +1,7 @@
 """The ``lit-mllm`` command.
 
     lit-mllm fit|validate|test|predict --config FILE   LightningCLI over a family module and a DataModule
+    lit-mllm describe --config FILE                    parameters per part, image tokens, connector FLOPs
     lit-mllm data shapesworld --out DIR                write the generated ShapesWorld dataset
 
 After the model and data are built from the config, the model's processor (tokenizer, chat format,
@@ -28,7 +29,9 @@ except ImportError:  # jsonargparse < 4.35
 DESCRIPTION = """lit-mllm: train and evaluate multimodal LLMs from YAML.
 
 Run `lit-mllm fit --config configs/quickstart.yaml` for a tiny model on generated data (CPU, minutes).
-Other commands: `lit-mllm data shapesworld --help` writes the ShapesWorld dataset."""
+Other commands: `lit-mllm describe --config FILE` prints what a config builds (parameters per part, image
+tokens per image, connector FLOPs per image); `lit-mllm data shapesworld --help` writes the ShapesWorld
+dataset."""
 
 
 class LitMLLMCLI(LightningCLI):
@@ -69,11 +72,28 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     )
 
 
-def main(args: list[str] | None = None) -> LitMLLMCLI | None:
+def describe_main(args: list[str]) -> dict:
+    """Build the model of a config (no data, no training) and print the figures runs are compared on."""
+    from lit_mllm.training.stages import trainable_table
+
+    cli = build_cli(args, run=False)
+    model = cli.model
+    facts = model.describe()
+    print(trainable_table(model.parts(), model.stage))
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        if not key.startswith("params"):
+            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+    return facts
+
+
+def main(args: list[str] | None = None) -> LitMLLMCLI | dict | None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["data"]:
         data_main(argv[1:])
         return None
+    if argv[:1] == ["describe"]:
+        return describe_main(argv[1:])
     return build_cli(args)
 
 

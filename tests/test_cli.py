@@ -132,3 +132,13 @@ def test_unknown_class_is_a_clear_error(capsys, tmp_path):
             ]
         )
     assert "NoSuch" in capsys.readouterr().err
+
+
+def test_describe_reports_tokens_and_connector_flops(tmp_path, capsys):
+    facts = main(["describe", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert facts["image_tokens"] == 64  # (64 px / 8 px)^2 patches, CLS dropped, MLP keeps every token
+    # MLP connector 64 -> 128 -> 128 on 64 tokens: 2 * (64*128 + 128*128) * 64 multiply-adds counted as FLOPs
+    assert facts["connector_flops_per_image"] == 2 * (64 * 128 + 128 * 128) * 64
+    assert facts["params/connector"] == (64 * 128 + 128) + (128 * 128 + 128)
+    out = capsys.readouterr().out
+    assert "connector_flops_per_image" in out and "language_model" in out

@@ -24,6 +24,17 @@ from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.stages import Stage
 
 
+def connector_flops(connector: nn.Module, num_features: int) -> int:
+    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(connector.parameters())
+    x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        connector(x)
+    return counter.get_total_flops()
+
+
 class PrefixFusionVLM(VLMModule):
     """A vision tower, a connector and a decoder LLM joined by splicing image features into the input."""
 
@@ -58,7 +69,11 @@ class PrefixFusionVLM(VLMModule):
         self.apply_stage()
 
     def describe(self) -> dict[str, int | str]:
-        return {**super().describe(), "image_tokens": self.tokens_per_image}
+        return {
+            **super().describe(),
+            "image_tokens": self.tokens_per_image,
+            "connector_flops_per_image": connector_flops(self.connector, self.vision_tower.num_features),
+        }
 
     def parts(self) -> dict[str, nn.Module]:
         return {
