@@ -25,12 +25,15 @@ from lit_mllm.training.stages import Stage
 
 
 def connector_flops(connector: nn.Module, num_features: int) -> int:
-    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``."""
+    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``.
+
+    Runs with autograd on (the graph is dropped): under ``no_grad`` an ``expand`` view of a parameter trips the
+    counter's module hooks."""
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(connector.parameters())
     x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         connector(x)
     return counter.get_total_flops()
 

@@ -26,9 +26,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.connectors.base import Connector
+from lit_mllm.nn.connectors.base import Connector, from_grid, grid_side, square_side, to_grid
 from lit_mllm.nn.connectors.mlp import MLPConnector
-from lit_mllm.nn.connectors.pooling import from_grid, grid_side, square_side, to_grid
 
 
 class LayerNorm2d(nn.LayerNorm):

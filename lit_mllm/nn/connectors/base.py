@@ -11,6 +11,7 @@ connector's own options as ``init_args``; the family module calls it with ``(in_
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -35,6 +36,37 @@ class Connector(nn.Module, ABC):
     @abstractmethod
     def forward(self, features: Tensor) -> Tensor:
         """``[B, N, in_dim] -> [B, T, out_dim]``."""
+
+
+# -- square patch grids: features in raster (row-major) order, prefix tokens (CLS, registers) dropped ------------
+def grid_side(num_features: int, who: str) -> int:
+    """Side ``S`` of the square patch grid holding ``num_features = S * S`` features, or ``ValueError``."""
+    side = math.isqrt(max(num_features, 0))
+    if num_features < 1 or side * side != num_features:
+        hint = ""
+        if num_features > 1 and math.isqrt(num_features - 1) ** 2 == num_features - 1:
+            hint = " (drop the CLS token: keep_cls=False)"
+        raise ValueError(f"{who} needs a square number of features, got {num_features}{hint}")
+    return side
+
+
+def square_side(tokens: int, who: str, option: str) -> int:
+    """Side of the square output grid for the option ``option=tokens``, or ``ValueError``."""
+    side = math.isqrt(max(tokens, 0))
+    if tokens < 1 or side * side != tokens:
+        raise ValueError(f"{who} needs {option} to be a square number (e.g. 64, 144, 256), got {tokens}")
+    return side
+
+
+def to_grid(features: Tensor, side: int) -> Tensor:
+    """Raster-order features to a channels-first grid: ``[B, S*S, D] -> [B, D, S, S]``."""
+    b, n, d = features.shape
+    return features.transpose(1, 2).reshape(b, d, side, side)
+
+
+def from_grid(grid: Tensor) -> Tensor:
+    """Channels-first grid back to raster-order tokens: ``[B, D, H, W] -> [B, H*W, D]``."""
+    return grid.flatten(2).transpose(1, 2)
 
 
 ConnectorFactory = Callable[[int, int], Connector]

@@ -180,7 +180,11 @@ class PerceiverResampler(Connector):
         super().__init__(in_dim, out_dim)
         hidden_size = hidden_size or in_dim
         num_kv_heads = num_kv_heads or num_heads
-        for name, value in [("num_latents", num_latents), ("num_layers", num_layers), ("num_heads", num_heads)]:
+        for name, value in [
+            ("num_latents", num_latents),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+        ]:
             if value < 1:
                 raise ValueError(f"PerceiverResampler needs {name} >= 1, got {value}")
         if num_heads % num_kv_heads:
@@ -225,7 +229,9 @@ def idefics2_perceiver_kwargs(config: Any) -> dict[str, Any]:
     ``PerceiverResampler(config.hidden_size, config.hidden_size, **idefics2_perceiver_kwargs(config))``.
     """
     if config.hidden_act != "silu":
-        raise ValueError(f"Only Idefics2's SwiGLU with hidden_act='silu' is supported, got {config.hidden_act!r}")
+        raise ValueError(
+            f"Only Idefics2's SwiGLU with hidden_act='silu' is supported, got {config.hidden_act!r}"
+        )
     return dict(
         num_latents=config.resampler_n_latents,
         num_layers=config.resampler_depth,

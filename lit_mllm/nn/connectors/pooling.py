@@ -7,9 +7,8 @@ project to the LLM width.
 * :class:`AttentionPoolConnector` -- ``num_queries`` learned queries attend once (multi-head) over the
   features, then a projection (MM1's "Attention Pooling").
 
-The grid helpers here (:func:`grid_side`, :func:`to_grid`, :func:`from_grid`) are shared by the other
-spatial connectors: features arrive in raster (row-major) order of a square patch grid, prefix tokens
-(CLS, registers) already dropped.
+Features arrive in raster (row-major) order of a square patch grid, prefix tokens (CLS, registers) already
+dropped; the grid helpers live in :mod:`lit_mllm.nn.connectors.base`.
 """
 
 from __future__ import annotations
@@ -20,38 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.connectors.base import Connector
+from lit_mllm.nn.connectors.base import Connector, from_grid, grid_side, square_side, to_grid
 from lit_mllm.nn.connectors.mlp import MLPConnector
-
-
-def grid_side(num_features: int, who: str) -> int:
-    """Side ``S`` of the square patch grid holding ``num_features = S * S`` features, or ``ValueError``."""
-    side = math.isqrt(max(num_features, 0))
-    if num_features < 1 or side * side != num_features:
-        hint = ""
-        if num_features > 1 and math.isqrt(num_features - 1) ** 2 == num_features - 1:
-            hint = " (drop the CLS token: keep_cls=False)"
-        raise ValueError(f"{who} needs a square number of features, got {num_features}{hint}")
-    return side
-
-
-def square_side(tokens: int, who: str, option: str) -> int:
-    """Side of the square output grid for the option ``option=tokens``, or ``ValueError``."""
-    side = math.isqrt(max(tokens, 0))
-    if tokens < 1 or side * side != tokens:
-        raise ValueError(f"{who} needs {option} to be a square number (e.g. 64, 144, 256), got {tokens}")
-    return side
-
-
-def to_grid(features: Tensor, side: int) -> Tensor:
-    """Raster-order features to a channels-first grid: ``[B, S*S, D] -> [B, D, S, S]``."""
-    b, n, d = features.shape
-    return features.transpose(1, 2).reshape(b, d, side, side)
-
-
-def from_grid(grid: Tensor) -> Tensor:
-    """Channels-first grid back to raster-order tokens: ``[B, D, H, W] -> [B, H*W, D]``."""
-    return grid.flatten(2).transpose(1, 2)
 
 
 class AvgPoolConnector(Connector):

@@ -226,18 +226,21 @@ class QFormerConnector(Connector):
         mapped = {}
         for key, value in state_dict.items():
             name = blip2_key_to_connector(key)
-            if name is None or (name.startswith("vision_norm.") and isinstance(self.vision_norm, nn.Identity)):
+            if name is None or (
+                name.startswith("vision_norm.") and isinstance(self.vision_norm, nn.Identity)
+            ):
                 continue
             mapped[name] = value
         missing, unexpected = self.load_state_dict(mapped, strict=False)
+        hint = "; do num_layers and cross_attention_frequency match the checkpoint?"
         if unexpected:
             raise ValueError(
-                "the checkpoint has Q-Former weights this QFormerConnector has no place for; do num_layers and "
-                f"cross_attention_frequency match it? {unexpected}"
+                f"the checkpoint has Q-Former weights this QFormerConnector has no place for{hint} {unexpected}"
             )
         if strict and missing:
+            layer_hint = hint if any(name.startswith("layers.") for name in missing) else ""
             raise ValueError(
-                f"the checkpoint lacks {missing}; pass strict=False to keep those parameters as initialised"
+                f"the checkpoint lacks {missing}; pass strict=False to keep those parameters as initialised{layer_hint}"
             )
         return list(missing)
 
@@ -266,9 +269,13 @@ class QFormerConnector(Connector):
             config, state_dict = _read_blip2_checkpoint(os.fspath(source))
         qformer = getattr(config, "qformer_config", None)
         if qformer is None or not hasattr(config, "num_query_tokens"):
-            raise ValueError(f"expected a BLIP-2 model or checkpoint (a Blip2Config), got {type(config).__name__}")
+            raise ValueError(
+                f"expected a BLIP-2 model or checkpoint (a Blip2Config), got {type(config).__name__}"
+            )
         if qformer.hidden_act != "gelu":
-            raise ValueError(f"QFormerConnector implements the GELU Q-Former, got hidden_act={qformer.hidden_act!r}")
+            raise ValueError(
+                f"QFormerConnector implements the GELU Q-Former, got hidden_act={qformer.hidden_act!r}"
+            )
         llm_width = config.text_config.hidden_size
         connector = cls(
             qformer.encoder_hidden_size,
@@ -367,7 +374,9 @@ def _read_blip2_checkpoint(name_or_path: str) -> tuple[object, dict[str, Tensor]
         if index is not None:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-            names = sorted({file for key, file in weight_map.items() if blip2_key_to_connector(key) is not None})
+            names = sorted(
+                {file for key, file in weight_map.items() if blip2_key_to_connector(key) is not None}
+            )
         else:
             names = [single_name]
         files = [fetch(name) for name in names]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.connectors.base import Connector
+from lit_mllm.nn.connectors.base import Connector, grid_side, square_side
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -60,11 +60,6 @@ def resize_pos_embed(table: Tensor, side: int) -> Tensor:
     return grid.permute(0, 2, 3, 1).reshape(side * side, -1).to(table.dtype)  # [side * side, dim]
 
 
-def _square_side(n: int) -> int | None:
-    side = math.isqrt(n) if n >= 1 else 0
-    return side if side >= 1 and side * side == n else None
-
-
 class QwenVLResampler(Connector):
     """``[B, N, D_vision] -> [B, num_queries, D_llm]`` with one position-aware cross-attention (N a square)."""
 
@@ -85,12 +80,7 @@ class QwenVLResampler(Connector):
             norm_eps: Epsilon of the LayerNorms ln_q, ln_kv and ln_post.
         """
         super().__init__(in_dim, out_dim)
-        side = _square_side(num_queries)
-        if side is None:
-            raise ValueError(
-                f"QwenVLResampler needs num_queries to be a square number (a side x side grid, e.g. 256 = 16 x 16), "
-                f"got {num_queries}"
-            )
+        side = square_side(num_queries, "QwenVLResampler", "num_queries")
         hidden_size = hidden_size or out_dim
         num_heads = num_heads or max(1, hidden_size // 128)
         if hidden_size % num_heads:
@@ -99,7 +89,8 @@ class QwenVLResampler(Connector):
             )
         self.num_queries = num_queries
         self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, side), persistent=False)  # [Q, H]
-        self.query = nn.Parameter(nn.init.trunc_normal_(torch.empty(num_queries, hidden_size), std=0.02))  # [Q, H]
+        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))  # [Q, H]
+        nn.init.trunc_normal_(self.query, std=0.02)
         self.kv_proj = nn.Linear(in_dim, hidden_size, bias=False) if in_dim != hidden_size else nn.Identity()
         self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
         self.ln_q = nn.LayerNorm(hidden_size, eps=norm_eps)
@@ -108,11 +99,7 @@ class QwenVLResampler(Connector):
         self.proj = nn.Linear(hidden_size, out_dim, bias=False)
 
     def num_tokens(self, num_features: int) -> int:
-        if _square_side(num_features) is None:
-            raise ValueError(
-                f"QwenVLResampler needs a square number of features (a side x side patch grid, no CLS token), "
-                f"got N={num_features}"
-            )
+        grid_side(num_features, "QwenVLResampler")
         return self.num_queries
 
     def forward(self, features: Tensor) -> Tensor:

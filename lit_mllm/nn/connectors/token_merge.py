@@ -21,9 +21,8 @@ import math
 
 from torch import Tensor
 
-from lit_mllm.nn.connectors.base import Connector
+from lit_mllm.nn.connectors.base import Connector, grid_side
 from lit_mllm.nn.connectors.mlp import MLPConnector
-from lit_mllm.nn.connectors.pooling import grid_side
 
 
 def space_to_depth(features: Tensor, ratio: int) -> Tensor:
