@@ -4,7 +4,8 @@ the model needs before running (width ``hidden_size``, patch grid, ``num_feature
 ``feature_layer`` follows the Hugging Face ``hidden_states`` convention used by LLaVA: index ``i`` is the
 output of block ``i`` (1-based; 0 would be the embeddings, which no recipe reads and is refused); ``-1``
 is the last block, ``-2`` the penultimate (LLaVA's choice). Blocks after the chosen layer are removed at build time, so a frozen tower
-never computes layers whose output nobody reads.
+never computes layers whose output nobody reads. The blocks that remain are :attr:`VisionTower.blocks`, so a stage
+can train only the last few (POINTS).
 """
 
 from __future__ import annotations
@@ -55,6 +56,32 @@ class VisionTower(nn.Module, ABC):
         """N: features per image in the output of ``forward``."""
         rows, cols = self.grid
         return rows * cols + (self.num_prefix_tokens if self.keep_cls else 0)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks left after truncation at ``feature_layer``, input side first.
+
+        They are the tower's own modules, so ``requires_grad_`` on them takes effect; see :meth:`last_blocks`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its transformer blocks")
+
+    def last_blocks(self, n: int) -> list[nn.Module]:
+        """The ``n`` blocks nearest the output, for partial unfreezing (POINTS trains the last few)."""
+        blocks = list(self.blocks)
+        if not 0 <= n <= len(blocks):
+            raise ValueError(
+                f"asked for the last {n} blocks of {type(self).__name__}, which has {len(blocks)} left"
+            )
+        return blocks[len(blocks) - n :]
+
+    def check_input(self, pixel_values: Tensor) -> None:
+        """Refuse images that are not ``image_size`` square, naming the fix."""
+        if tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{type(self).__name__} takes {self.image_size}x{self.image_size} images but got "
+                f"{tuple(pixel_values.shape[-2:])}: resize them to image_size (the processor does), or build the "
+                "tower with image_size=<side> to interpolate its position embeddings to another resolution"
+            )
 
     def select(self, hidden: Tensor) -> Tensor:
         """Drop prefix tokens unless ``keep_cls``: ``[B, P + R*C, D] -> [B, N, D]``."""
