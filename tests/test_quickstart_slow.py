@@ -25,4 +25,4 @@ def test_quickstart_beats_the_answer_baselines(tmp_path):
     acc = float(cli.trainer.callback_metrics["val/accuracy"])
     baselines = next(c for c in cli.trainer.callbacks if type(c).__name__ == "AnswerBaselines").scores
     assert acc > baselines["majority"] + 0.3
-    assert acc > baselines["blind"] + 0.15
+    assert acc > baselines["blind"] + 0.10
