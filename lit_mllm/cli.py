@@ -87,7 +87,8 @@ def describe_main(args: list[str]) -> dict:
     return facts
 
 
-def main(args: list[str] | None = None) -> LitMLLMCLI | dict | None:
+def run(args: list[str] | None = None) -> LitMLLMCLI | dict | None:
+    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, or None)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["data"]:
         data_main(argv[1:])
@@ -95,6 +96,11 @@ def main(args: list[str] | None = None) -> LitMLLMCLI | dict | None:
     if argv[:1] == ["describe"]:
         return describe_main(argv[1:])
     return build_cli(args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console script: exits 0 on success (returning an object would make ``sys.exit`` print it and exit 1)."""
+    run(args)
 
 
 if __name__ == "__main__":

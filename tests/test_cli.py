@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_mllm.cli import main
+from lit_mllm.cli import run
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
@@ -28,7 +28,7 @@ def small(root, out) -> list[str]:
 
 def test_quickstart_fast_dev_run_generates_its_data(tmp_path):
     root = tmp_path / "sw"
-    main(
+    run(
         [
             "fit",
             *small(root, tmp_path),
@@ -54,7 +54,7 @@ def scalars(run_dir: Path) -> set[str]:
 
 
 def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
-    cli = main(
+    cli = run(
         [
             "fit",
             *small(shapes_root, tmp_path),
@@ -77,10 +77,10 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
     out = capsys.readouterr().out + capsys.readouterr().err
     ckpt = next(run.glob("checkpoints/*.ckpt"))
 
-    main(["validate", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
-    test = main(["test", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
+    run(["validate", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
+    test = run(["test", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
     assert "test/accuracy" in test.trainer.callback_metrics
-    pred = main(
+    pred = run(
         [
             "predict",
             *small(shapes_root, tmp_path),
@@ -116,14 +116,14 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
 )
 def test_help_explains_itself(args, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(args)
+        run(args)
     assert exit_.value.code == 0
     assert expected in capsys.readouterr().out
 
 
 def test_unknown_class_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(
+        run(
             [
                 "fit",
                 *small(tmp_path / "sw", tmp_path),
@@ -135,10 +135,25 @@ def test_unknown_class_is_a_clear_error(capsys, tmp_path):
 
 
 def test_describe_reports_tokens_and_connector_flops(tmp_path, capsys):
-    facts = main(["describe", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    facts = run(["describe", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert facts["image_tokens"] == 64  # (64 px / 8 px)^2 patches, CLS dropped, MLP keeps every token
     # MLP connector 64 -> 128 -> 128 on 64 tokens: 2 * (64*128 + 128*128) * 64 multiply-adds counted as FLOPs
     assert facts["connector_flops_per_image"] == 2 * (64 * 128 + 128 * 128) * 64
     assert facts["params/connector"] == (64 * 128 + 128) + (128 * 128 + 128)
     out = capsys.readouterr().out
     assert "connector_flops_per_image" in out and "language_model" in out
+
+
+def test_console_script_exits_zero(tmp_path):
+    """`lit-mllm ...` as a shell command: success is exit status 0 (the entry point must not return an object)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from lit_mllm.cli import main; sys.exit(main())", "data", "shapesworld",
+         "--out", str(tmp_path / "sw"), "--generator.num_train", "2", "--generator.num_val", "1",
+         "--generator.num_test", "1"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and "object at 0x" not in done.stdout

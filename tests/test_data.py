@@ -180,9 +180,9 @@ def test_shapesworld_is_deterministic_and_truthful(tmp_path):
 
 
 def test_shapesworld_cli(tmp_path, capsys):
-    from lit_mllm.cli import main
+    from lit_mllm.cli import run
 
-    main(
+    run(
         [
             "data",
             "shapesworld",

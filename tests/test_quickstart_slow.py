@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from lit_mllm.cli import main
+from lit_mllm.cli import run
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
 @pytest.mark.slow
 def test_quickstart_beats_the_answer_baselines(tmp_path):
-    cli = main(
+    cli = run(
         [
             "fit",
             "--config",
