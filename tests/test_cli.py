@@ -1,6 +1,7 @@
 """The real entry point: quickstart under fast_dev_run, a short run that leaves a run folder with the resolved
 config and split/name metrics, then validate / test / predict from its checkpoint; help texts."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def scalars(run_dir: Path) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
-def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
+def test_run_folder_then_validate_test_predict(tmp_path, shapes_root):
     cli = run(
         [
             "fit",
@@ -68,14 +69,13 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
             "2",
         ]
     )
-    run = Path(cli.trainer.log_dir)
-    assert run.parent.name == "quickstart"
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    run_dir = Path(cli.trainer.log_dir)
+    assert run_dir.parent.name == "quickstart"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["model"]["init_args"]["connector"]["class_path"] == "lit_mllm.nn.connectors.MLPConnector"
-    tags = scalars(run)
+    tags = scalars(run_dir)
     assert {"train/loss", "val/loss", "val/accuracy", "val/baseline/majority", "val/baseline/blind"} <= tags
-    out = capsys.readouterr().out + capsys.readouterr().err
-    ckpt = next(run.glob("checkpoints/*.ckpt"))
+    ckpt = next(run_dir.glob("checkpoints/*.ckpt"))
 
     run(["validate", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
     test = run(["test", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
@@ -90,9 +90,14 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root, capsys):
             "4",
         ]
     )
-    lines = (Path(pred.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and all('"reference"' in line for line in lines)
-    assert out is not None
+    rows = [
+        json.loads(line)
+        for line in (Path(pred.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    ]
+    expected = json.loads((shapes_root / "test.json").read_text())
+    assert [r["id"] for r in rows] == [r["id"] for r in expected]
+    assert [r["reference"] for r in rows] == [r["conversations"][-1]["value"] for r in expected]
+    assert all(isinstance(r["answer"], str) and r["answer"] == r["answer"].strip() for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -150,10 +155,23 @@ def test_console_script_exits_zero(tmp_path):
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; from lit_mllm.cli import main; sys.exit(main())", "data", "shapesworld",
-         "--out", str(tmp_path / "sw"), "--generator.num_train", "2", "--generator.num_val", "1",
-         "--generator.num_test", "1"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from lit_mllm.cli import main; sys.exit(main())",
+            "data",
+            "shapesworld",
+            "--out",
+            str(tmp_path / "sw"),
+            "--generator.num_train",
+            "2",
+            "--generator.num_val",
+            "1",
+            "--generator.num_test",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "object at 0x" not in done.stdout

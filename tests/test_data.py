@@ -175,7 +175,8 @@ def test_shapesworld_is_deterministic_and_truthful(tmp_path):
                 shape = q.split()[4].rstrip("?")
                 assert a == next(t.colour for t in things if t.shape == shape)
             if q.startswith("Is there"):
-                _, _, _, colour, shape = q.split()[:5]
+                _, _, article, colour, shape = q.split()[:5]
+                assert article == ("an" if colour == "orange" else "a")
                 assert (a == "yes") == any((t.colour, t.shape) == (colour, shape.rstrip("?")) for t in things)
 
 

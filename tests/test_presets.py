@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from lit_mllm.cli import build_cli, main
+from lit_mllm.cli import build_cli, run
 from lit_mllm.lit import PrefixFusionVLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +37,8 @@ TINY_TOKENS = {
     "mm1_avgpool": 144,
     "mm1_attnpool": 144,
     "mm1_cabstractor": 144,
+    "points": 64,  # 256 features (64 px / 4 px patches), pixel shuffle 0.5 -> 64
+    "prismatic": 64,
 }
 REAL_TOKENS = {
     "llava": 256,
@@ -48,6 +50,8 @@ REAL_TOKENS = {
     "mm1_avgpool": 144,
     "mm1_attnpool": 144,
     "mm1_cabstractor": 144,
+    "points": 144,  # 576 CLIP-L/336 features, pixel shuffle 0.5 -> 144
+    "prismatic": 729,  # 378 px / 14 px patches: 27 x 27, concatenated channels keep the count
 }
 
 # Hub name in a real preset -> the tiny local checkpoint standing in for it (see ``tiny_hub``).
@@ -61,6 +65,10 @@ HF_STAND_INS = {
     "facebook/opt-2.7b": "opt",
     "Qwen/Qwen-7B": "qwen2",
     "Qwen/Qwen1.5-7B": "qwen2",
+    "01-ai/Yi-1.5-9B-Chat": "llama",
+    "meta-llama/Llama-2-7b-hf": "llama",
+    "facebook/dinov2-large": "dinov2",
+    "google/siglip-so400m-patch14-384": "siglip",
 }
 OPEN_CLIP_STAND_INS = {  # (model_name, pretrained) -> tiny open_clip folder, loaded as local-dir:
     ("ViT-bigG-14", "laion2b_s39b_b160k"): "openclip224",
@@ -98,28 +106,45 @@ def base_args(path: Path, data_root: Path, out: Path, base: Path = QUICKSTART) -
     return args
 
 
-def stand_in_args(path: Path, hub: Path) -> list[str]:
-    """Point every hub name of a real preset at a tiny local checkpoint."""
-    args = []
-    for part in ("vision_tower", "language_model"):
-        init = model_args(path)[part]["init_args"]
-        prefix = f"--model.init_args.{part}.init_args."
-        if "model_name" in init:  # open_clip
-            key = (init["model_name"], init.get("pretrained"))
+def with_stand_ins(path: Path, hub: Path, out: Path) -> Path:
+    """A copy of a real preset with every hub name, at any depth (fused towers hold a list of towers), pointed at
+    a tiny local checkpoint."""
+
+    def swap(node):
+        if isinstance(node, list):
+            return [swap(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: swap(v) for k, v in node.items()}
+        if "model_name" in node:  # open_clip
+            key = (node["model_name"], node.get("pretrained"))
             assert key in OPEN_CLIP_STAND_INS, f"{path.name}: add a tiny stand-in for open_clip {key}"
-            args += [
-                prefix + "model_name",
-                f"local-dir:{hub / OPEN_CLIP_STAND_INS[key]}",
-                prefix + "pretrained",
-                "null",
-            ]
+            node.update(model_name=f"local-dir:{hub / OPEN_CLIP_STAND_INS[key]}", pretrained=None)
         for field in ("name_or_path", "tokenizer"):
-            name = init.get(field)
-            if name is None:
-                continue
-            assert name in HF_STAND_INS, f"{path.name}: add a tiny stand-in for {name}"
-            args += [prefix + field, str(hub / HF_STAND_INS[name])]
-    return args
+            if node.get(field) is not None:
+                assert node[field] in HF_STAND_INS, f"{path.name}: add a tiny stand-in for {node[field]}"
+                node[field] = str(hub / HF_STAND_INS[node[field]])
+        return node
+
+    local = out / f"{path.stem}_stand_ins.yaml"
+    local.write_text(yaml.safe_dump(swap(yaml.safe_load(path.read_text()))))
+    return local
+
+
+def tower_settings(tower) -> list[tuple[int, bool]]:
+    """(feature_layer, keep_cls) of a tower, or of each tower of a fused one."""
+    inner = getattr(tower, "towers", None)
+    return (
+        [(t.feature_layer, t.keep_cls) for t in inner]
+        if inner is not None
+        else [(tower.feature_layer, tower.keep_cls)]
+    )
+
+
+def preset_tower_settings(tower: dict) -> list[tuple[int, bool]]:
+    inner = tower["init_args"].get("towers")
+    towers = [t["init_args"] for t in inner] if inner else [tower["init_args"]]
+    return [(t["feature_layer"], t["keep_cls"]) for t in towers]
 
 
 def register_tiny_eva() -> None:
@@ -170,12 +195,16 @@ def tiny_hub(tmp_path_factory):
         AutoTokenizer,
         CLIPVisionConfig,
         CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
         LlamaConfig,
         LlamaForCausalLM,
         OPTConfig,
         OPTForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        SiglipVisionConfig,
+        SiglipVisionModel,
     )
 
     from lit_mllm.nn.language.tokenizer import TINY_TOKENIZER_DIR
@@ -187,6 +216,9 @@ def tiny_hub(tmp_path_factory):
     )
     for size in (224, 336):
         CLIPVisionModel(CLIPVisionConfig(image_size=size, **vision)).save_pretrained(root / f"clip{size}")
+    # DINOv2 (trained at 518 px) and SigLIP (384 px) stand-ins; the Prismatic preset resamples both to 378 px
+    Dinov2Model(Dinov2Config(image_size=518, **vision)).save_pretrained(root / "dinov2")
+    SiglipVisionModel(SiglipVisionConfig(image_size=384, **vision)).save_pretrained(root / "siglip")
 
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -261,7 +293,7 @@ def test_tiny_preset_takes_a_training_step(path, shapes_root, tmp_path):
 
 def test_tiny_preset_through_the_fit_command(shapes_root, tmp_path):
     """The command every header documents, end to end (fast_dev_run), for the preset with a different LLM family."""
-    cli = main(
+    cli = run(
         ["fit", *base_args(PRESETS / "qwen_vl.yaml", shapes_root, tmp_path), "--trainer.fast_dev_run", "1"]
     )
     assert type(cli.model.connector).__name__ == "QwenVLResampler"
@@ -275,8 +307,7 @@ def test_tiny_preset_through_the_fit_command(shapes_root, tmp_path):
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
 def test_real_preset_instantiates_with_local_checkpoints(path, tiny_hub, shapes_root, tmp_path):
     args = [
-        *base_args(path, shapes_root, tmp_path),
-        *stand_in_args(path, tiny_hub),
+        *base_args(with_stand_ins(path, tiny_hub, tmp_path), shapes_root, tmp_path),
         "--trainer.precision",
         "32-true",
     ]
@@ -286,11 +317,7 @@ def test_real_preset_instantiates_with_local_checkpoints(path, tiny_hub, shapes_
     assert model.tokens_per_image == REAL_TOKENS[path.stem]
     for part in ("vision_tower", "language_model", "connector"):
         assert type(getattr(model, part)).__name__ == preset[part]["class_path"].rsplit(".", 1)[1], part
-    tower = preset["vision_tower"]["init_args"]
-    assert (model.vision_tower.feature_layer, model.vision_tower.keep_cls) == (
-        tower["feature_layer"],
-        tower["keep_cls"],
-    )
+    assert tower_settings(model.vision_tower) == preset_tower_settings(preset["vision_tower"])
     assert model.stage.trainable == preset["stage"]["trainable"]
     assert model.training_step(first_batch(cli), 0).isfinite()
 
@@ -299,8 +326,7 @@ def test_real_preset_instantiates_with_local_checkpoints(path, tiny_hub, shapes_
 def test_real_preset_stacks_on_the_real_base(path, tiny_hub, shapes_root, tmp_path):
     """The command the real headers document: the preset over configs/llava15_7b.yaml (GPU trainer, bf16 LLM)."""
     args = [
-        *base_args(path, shapes_root, tmp_path, base=LLAVA15_7B),
-        *stand_in_args(path, tiny_hub),
+        *base_args(with_stand_ins(path, tiny_hub, tmp_path), shapes_root, tmp_path, base=LLAVA15_7B),
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",

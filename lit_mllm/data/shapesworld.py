@@ -40,6 +40,10 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 QUESTION_KINDS = ("colour", "shape", "count", "position", "existence")
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 @dataclass(frozen=True)
 class Thing:
     shape: str
@@ -162,7 +166,7 @@ class ShapesWorld:
                 present = {(t.shape, t.colour) for t in things}
                 shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present])
                 answer = "no"
-            return f"Is there a {colour} {shape}? Answer yes or no.", answer
+            return f"Is there {_article(colour)} {colour} {shape}? Answer yes or no.", answer
         return "How many shapes are there? Answer with a number.", str(len(things))
 
     # -- the dataset -----------------------------------------------------------------------------------------

@@ -124,4 +124,4 @@ class PrefixFusionVLM(VLMModule):
     def generate(self, batch: dict, **kwargs) -> list[str]:
         kwargs.setdefault("do_sample", False)
         new = self.language_model.generate(self.embed(batch), batch["attention_mask"], **kwargs)
-        return self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
