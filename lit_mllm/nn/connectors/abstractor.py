@@ -26,7 +26,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.connectors.base import Connector, from_grid, grid_side, square_side, to_grid
+from lit_mllm.nn.connectors.base import Connector, from_grid, pooled_tokens, square_side, to_grid
 from lit_mllm.nn.connectors.mlp import MLPConnector
 
 
@@ -117,13 +117,7 @@ class CAbstractor(Connector):
         self.readout = MLPConnector(width, out_dim, depth=proj_depth)
 
     def num_tokens(self, num_features: int) -> int:
-        side = grid_side(num_features, type(self).__name__)
-        if side < self.out_side:
-            raise ValueError(
-                f"{type(self).__name__} pools to out_tokens={self.out_tokens}, which needs at least as many "
-                f"features, got {num_features}"
-            )
-        return self.out_tokens
+        return pooled_tokens(num_features, self.out_tokens, type(self).__name__)
 
     def forward(self, features: Tensor) -> Tensor:
         self.num_tokens(features.shape[1])  # validates N

@@ -58,6 +58,15 @@ def square_side(tokens: int, who: str, option: str) -> int:
     return side
 
 
+def pooled_tokens(num_features: int, out_tokens: int, who: str) -> int:
+    """``out_tokens`` if a square grid of ``num_features`` can be pooled down to it, else ``ValueError``."""
+    if grid_side(num_features, who) < math.isqrt(out_tokens):
+        raise ValueError(
+            f"{who} pools to out_tokens={out_tokens}, which needs at least as many features, got {num_features}"
+        )
+    return out_tokens
+
+
 def to_grid(features: Tensor, side: int) -> Tensor:
     """Raster-order features to a channels-first grid: ``[B, S*S, D] -> [B, D, S, S]``."""
     b, n, d = features.shape

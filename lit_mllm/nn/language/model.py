@@ -106,8 +106,11 @@ def _tiny_config(config_cls, **arch):
     return config, tok
 
 
-class TinyLlama(LanguageModel):
-    """A randomly initialised Llama-architecture LM with the shipped tiny tokenizer (Vicuna v1 chat format)."""
+class _TinyLM(LanguageModel):
+    """A randomly initialised causal LM of a ``transformers`` architecture with the shipped tiny tokenizer."""
+
+    _architecture: tuple[str, str]  # (config class, model class) in transformers
+    _tied_embeddings = False
 
     def __init__(
         self,
@@ -127,58 +130,40 @@ class TinyLlama(LanguageModel):
             num_kv_heads: Key/value heads (grouped-query attention when smaller than ``num_heads``).
             intermediate_size: MLP width; default ``3 * hidden_size``.
             max_length: Context length in tokens (image tokens included).
-            chat_format: Conversation format; default Vicuna v1 as in LLaVA-1.5.
+            chat_format: Conversation format; default the architecture's usual one (Vicuna v1 for TinyLlama as in
+                LLaVA-1.5, the tokenizer's ChatML template for TinyQwen2).
         """
         nn.Module.__init__(self)
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
 
+        config_cls, model_cls = (getattr(transformers, name) for name in self._architecture)
         config, tok = _tiny_config(
-            LlamaConfig,
+            config_cls,
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
             intermediate_size=intermediate_size,
             max_position_embeddings=max_length,
+            tie_word_embeddings=self._tied_embeddings,
         )
-        self._wrap(LlamaForCausalLM(config), tok, chat_format or VicunaV1(), IMAGE_TOKEN)
+        self._wrap(model_cls(config), tok, chat_format or self._default_chat_format(), IMAGE_TOKEN)
+
+    def _default_chat_format(self) -> ChatFormat:
+        return VicunaV1()
 
 
-class TinyQwen2(LanguageModel):
-    """A randomly initialised Qwen2-architecture LM (tied embeddings) with the shipped tiny tokenizer and its
-    ChatML template."""
+class TinyLlama(_TinyLM):
+    """A randomly initialised Llama-architecture LM with the shipped tiny tokenizer (Vicuna v1 chat format)."""
 
-    def __init__(
-        self,
-        hidden_size: int = 128,
-        num_layers: int = 4,
-        num_heads: int = 4,
-        num_kv_heads: int = 2,
-        intermediate_size: int | None = None,
-        max_length: int = 512,
-        chat_format: ChatFormat | None = None,
-    ) -> None:
-        """
-        Args:
-            hidden_size: Model width.
-            num_layers: Decoder layers.
-            num_heads: Attention heads.
-            num_kv_heads: Key/value heads.
-            intermediate_size: MLP width; default ``3 * hidden_size``.
-            max_length: Context length in tokens (image tokens included).
-            chat_format: Conversation format; default the tokenizer's ChatML template.
-        """
-        nn.Module.__init__(self)
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+    _architecture = ("LlamaConfig", "LlamaForCausalLM")
 
-        config, tok = _tiny_config(
-            Qwen2Config,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_length,
-            tie_word_embeddings=True,
-        )
-        self._wrap(Qwen2ForCausalLM(config), tok, chat_format or TokenizerTemplate(), IMAGE_TOKEN)
+
+class TinyQwen2(_TinyLM):
+    """A randomly initialised Qwen2-architecture LM (tied embeddings) with the tiny tokenizer's ChatML template."""
+
+    _architecture = ("Qwen2Config", "Qwen2ForCausalLM")
+    _tied_embeddings = True
+
+    def _default_chat_format(self) -> ChatFormat:
+        return TokenizerTemplate()
