@@ -1,6 +1,7 @@
 """Stages: exactly the configured parts train; frozen parts stay in eval mode and run without autograd."""
 
 import pytest
+import torch
 
 from lit_mllm.training import Stage
 from tests.conftest import tiny_model
@@ -68,3 +69,50 @@ def test_table_lists_every_part():
     assert f"{total:,}" in table and trainable == total
     for name in ("vision_tower", "connector", "language_model"):
         assert name in table
+
+
+def test_train_last_blocks_of_the_tower(shapes_root):
+    """POINTS' recipe: only the last N blocks of the vision tower train; they alone are in train mode and get
+    gradients, the tower runs with autograd, the rest of it stays frozen in eval mode."""
+    from lit_mllm.data import collate, read_llava
+    from lit_mllm.lit import PrefixFusionVLM
+    from lit_mllm.nn.language import TinyLlama
+    from lit_mllm.nn.vision import TinyCLIPVision
+    from lit_mllm.training.stages import trainable_table
+
+    torch.manual_seed(0)
+    tower = TinyCLIPVision(
+        image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, feature_layer=-1
+    )
+    stage = Stage("pretrain", ["connector"], train_last_blocks={"vision_tower": 2})
+    model = PrefixFusionVLM(tower, TinyLlama(hidden_size=64, num_layers=2), stage=stage)
+    first, *last = list(tower.blocks)
+    trained = {id(p) for b in last for p in b.parameters()}
+    assert trained and all(p.requires_grad == (id(p) in trained) for p in tower.parameters())
+    model.train()
+    assert not first.training and not tower.model.embeddings.training and all(b.training for b in last)
+    assert "last 2 blocks of vision_tower" in trainable_table(model.parts(), stage)
+    assert "partial" in trainable_table(model.parts(), stage)
+
+    proc = model.processor()
+    batch = collate(
+        [proc(s) for s in read_llava(shapes_root / "train.json")[:2]], proc.tokenizer.pad_token_id
+    )
+    model.training_step(batch, 0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in last for p in b.parameters())
+    assert all(p.grad is None for p in first.parameters())
+    opt = model.configure_optimizers()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+
+
+def test_train_last_blocks_errors():
+    with pytest.raises(ValueError, match="in both trainable"):
+        tiny_model(Stage("x", ["vision_tower"], train_last_blocks={"vision_tower": 1}))
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['tower'\]"):
+        tiny_model(Stage("x", ["connector"], train_last_blocks={"tower": 1}))
+    with pytest.raises(ValueError, match="has no transformer blocks"):
+        tiny_model(Stage("x", ["vision_tower"], train_last_blocks={"connector": 1}))
+    with pytest.raises(ValueError, match="last 5 blocks"):
+        tiny_model(Stage("x", ["connector"], train_last_blocks={"vision_tower": 5}))

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from lit_mllm.data.processor import Processor
 from lit_mllm.eval.metrics import ReplyExactMatch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
-from lit_mllm.training.stages import Stage, apply_stage, count, trainable_table
+from lit_mllm.training.stages import Stage, apply_stage, count, set_modes, trainable_table
 
 
 class NoSupervisedTokens(ValueError):
@@ -90,9 +90,7 @@ class VLMModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:  # frozen parts stay in eval mode whatever Lightning asks
-            for name, module in self.parts().items():
-                if name not in self.stage.trainable:
-                    module.eval()
+            set_modes(self.parts(), self.stage)
         return self
 
     def describe(self) -> dict[str, int | str]:

@@ -99,7 +99,7 @@ class PrefixFusionVLM(VLMModule):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and "vision_tower" in self.stage.trainable):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage.trains("vision_tower")):
             features = self.vision_tower(pixel_values)  # [I, N, D_v]
         return self.connector(features)  # [I, T, D_llm]
 

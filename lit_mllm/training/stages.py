@@ -22,14 +22,27 @@ class Stage:
     trainable: list[str] = field(default_factory=lambda: ["connector", "language_model"])
     """Parts that train; the rest are frozen. Valid names are the family's parts (e.g. ``vision_tower``,
     ``connector``, ``language_model``)."""
+    train_last_blocks: dict[str, int] = field(default_factory=dict)
+    """Parts of which only the last N transformer blocks train, the rest of the part frozen (POINTS trains the
+    last 3 blocks of its general ViT: ``{vision_tower: 3}``). A part named here must not also be in ``trainable``."""
+
+    def trains(self, part: str) -> bool:
+        """Whether any parameter of ``part`` trains in this stage."""
+        return part in self.trainable or self.train_last_blocks.get(part, 0) > 0
 
 
 def apply_stage(parts: dict[str, nn.Module], stage: Stage) -> None:
-    """Freeze every part, then unfreeze ``stage.trainable``; frozen parts are put in eval mode."""
-    unknown = sorted(set(stage.trainable) - set(parts))
+    """Freeze every part, then unfreeze ``stage.trainable`` and the ``train_last_blocks``; set train/eval modes."""
+    unknown = sorted((set(stage.trainable) | set(stage.train_last_blocks)) - set(parts))
     if unknown:
         raise ValueError(
             f"stage {stage.name!r} names unknown part(s) {unknown}; valid parts: {sorted(parts)}"
+        )
+    both = sorted(set(stage.trainable) & set(stage.train_last_blocks))
+    if both:
+        raise ValueError(
+            f"stage {stage.name!r} lists {both} in both trainable (the whole part) and train_last_blocks (its last "
+            "blocks only); keep each part in one of them"
         )
     for module in parts.values():
         module.requires_grad_(False)
@@ -37,8 +50,27 @@ def apply_stage(parts: dict[str, nn.Module], stage: Stage) -> None:
     assert not leaked, f"parameters still trainable after freezing: {leaked}"
     for name in stage.trainable:
         parts[name].requires_grad_(True)
+    for block in _partly_trained_blocks(parts, stage):
+        block.requires_grad_(True)
+    set_modes(parts, stage)
+
+
+def _partly_trained_blocks(parts: dict[str, nn.Module], stage: Stage) -> list[nn.Module]:
+    blocks = []
+    for name, n in stage.train_last_blocks.items():
+        if not hasattr(parts[name], "last_blocks"):
+            raise ValueError(f"stage {stage.name!r}: part {name!r} has no transformer blocks to unfreeze")
+        blocks += parts[name].last_blocks(n)
+    return blocks
+
+
+def set_modes(parts: dict[str, nn.Module], stage: Stage) -> None:
+    """Trained parts in train mode, frozen parts in eval mode; of a partly trained part only its trained blocks
+    are in train mode."""
     for name, module in parts.items():
         module.train(name in stage.trainable)
+    for block in _partly_trained_blocks(parts, stage):
+        block.train(True)
 
 
 def count(module: nn.Module) -> tuple[int, int]:
@@ -61,10 +93,14 @@ def trainable_table(parts: dict[str, nn.Module], stage: Stage) -> str:
         total, trainable = count(module)
         totals[0] += total
         totals[1] += trainable
-        rows.append((name, f"{total:,}", f"{trainable:,}", "train" if module.training else "eval"))
+        mode = (
+            "train" if module.training else "partial" if any(m.training for m in module.modules()) else "eval"
+        )
+        rows.append((name, f"{total:,}", f"{trainable:,}", mode))
     rows.append(("total", f"{totals[0]:,}", f"{totals[1]:,}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"stage {stage.name!r}: trains {', '.join(stage.trainable) or 'nothing'}"]
+    trains = list(stage.trainable) + [f"last {n} blocks of {p}" for p, n in stage.train_last_blocks.items()]
+    lines = [f"stage {stage.name!r}: trains {', '.join(trains) or 'nothing'}"]
     for i, row in enumerate(rows):
         lines.append(
             "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
