@@ -59,17 +59,7 @@ def test_feature_layer_out_of_range():
 
 
 def test_open_clip_local_dir(tmp_path):
-    import open_clip
-
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg).eval()
-    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    model = _save_open_clip(tmp_path)
 
     tower = OpenCLIPTower(f"local-dir:{tmp_path}", feature_layer=-2).eval()
     assert (tower.hidden_size, tower.num_features, tower.grid) == (32, 16, (4, 4))
