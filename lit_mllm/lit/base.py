@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from lit_mllm.data.processor import Processor
 from lit_mllm.eval.metrics import ReplyExactMatch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
-from lit_mllm.training.stages import Stage, apply_stage, count, set_modes, trainable_table
+from lit_mllm.training.stages import Stage, apply_stage, count, param_groups, set_modes, trainable_table
 
 
 class NoSupervisedTokens(ValueError):
@@ -109,6 +109,11 @@ class VLMModule(L.LightningModule):
     # -- steps ------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = lm_loss(self(batch), batch["labels"], batch["ids"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} on samples {batch['ids']}; lower the "
+                "learning rate, check these samples, or use bf16-mixed instead of fp16"
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
         return loss
 
@@ -141,10 +146,20 @@ class VLMModule(L.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        """One optimizer over parameter groups per part (stage ``lr_scale``; no weight decay on norms, biases and
+        embeddings); every trainable parameter must be in it."""
+        groups = param_groups(self.parts(), self.stage)
+        if not groups:
             raise ValueError(f"stage {self.stage.name!r} leaves nothing to train")
-        optimizer = self.optimizer(params)
+        optimizer = self.optimizer(groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group["lr_scale"]
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"trainable parameters outside the optimizer: {missing[:5]} ({len(missing)} in all)"
+            )
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)

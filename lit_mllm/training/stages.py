@@ -26,6 +26,9 @@ class Stage:
     """Parts of which only the last N transformer blocks train, the rest of the part frozen (POINTS trains the
     last 3 blocks of its general ViT: ``{vision_tower: 3}``). A part named here must not also be in ``trainable``."""
 
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier per part (default 1): CogVLM trains its LLM at ``{language_model: 0.1}``."""
+
     def trains(self, part: str) -> bool:
         """Whether any parameter of ``part`` trains in this stage."""
         return part in self.trainable or self.train_last_blocks.get(part, 0) > 0
@@ -33,7 +36,7 @@ class Stage:
 
 def apply_stage(parts: dict[str, nn.Module], stage: Stage) -> None:
     """Freeze every part, then unfreeze ``stage.trainable`` and the ``train_last_blocks``; set train/eval modes."""
-    unknown = sorted((set(stage.trainable) | set(stage.train_last_blocks)) - set(parts))
+    unknown = sorted((set(stage.trainable) | set(stage.train_last_blocks) | set(stage.lr_scale)) - set(parts))
     if unknown:
         raise ValueError(
             f"stage {stage.name!r} names unknown part(s) {unknown}; valid parts: {sorted(parts)}"
@@ -71,6 +74,28 @@ def set_modes(parts: dict[str, nn.Module], stage: Stage) -> None:
         module.train(name in stage.trainable)
     for block in _partly_trained_blocks(parts, stage):
         block.train(True)
+
+
+def param_groups(parts: dict[str, nn.Module], stage: Stage) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: one per (part, decay) pair, with the part's
+    ``lr_scale``; norms, biases and embeddings get ``weight_decay=0``, the others the optimizer's configured
+    weight decay. Every trainable parameter is in exactly one group; shared parameters once."""
+    groups: dict[tuple[str, bool], dict] = {}
+    seen: set[int] = set()
+    for name, part in parts.items():
+        for module in part.modules():
+            for param in module.parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                decay = param.ndim >= 2 and not isinstance(module, nn.Embedding)
+                group = groups.setdefault(
+                    (name, decay), {"params": [], "part": name, "lr_scale": stage.lr_scale.get(name, 1.0)}
+                )
+                if not decay:
+                    group["weight_decay"] = 0.0
+                group["params"].append(param)
+    return list(groups.values())
 
 
 def count(module: nn.Module) -> tuple[int, int]:
