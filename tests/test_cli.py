@@ -175,3 +175,51 @@ def test_console_script_exits_zero(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "object at 0x" not in done.stdout
+
+
+def test_checkpoint_holds_trainable_weights_only(tmp_path, shapes_root):
+    """Align stage: the checkpoint has the connector's weights and nothing frozen; validate reloads it, and a
+    stage that trains more refuses it by name."""
+    import torch
+
+    align = str(Path(__file__).resolve().parents[1] / "configs" / "stage" / "align.yaml")
+    cli = run(
+        [
+            "fit",
+            *small(shapes_root, tmp_path),
+            "--model.init_args.stage",
+            align,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
+    ckpt = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert set(saved["state_dict"]) == {f"connector.{n}" for n, _ in cli.model.connector.named_parameters()}
+    assert saved["lit_mllm"]["stage"] == "align" and saved["optimizer_states"]
+
+    validated = run(
+        [
+            "validate",
+            *small(shapes_root, tmp_path),
+            "--model.init_args.stage",
+            align,
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
+    for name, p in validated.model.connector.named_parameters():
+        assert torch.equal(p, saved["state_dict"][f"connector.{name}"])
+    # without --model.init_args.stage the CLI takes the stage from the checkpoint's hyperparameters
+    again = run(["validate", *small(shapes_root, tmp_path), "--ckpt_path", str(ckpt)])
+    assert again.model.stage.trainable == ["connector"]
+    from tests.conftest import tiny_model
+
+    with pytest.raises(
+        KeyError, match="lacks .* weights that stage 'finetune' trains .* saved by stage 'align'"
+    ):
+        tiny_model().on_load_checkpoint(saved)

@@ -144,6 +144,26 @@ class VLMModule(L.LightningModule):
             for i, p, a, r in zip(batch["ids"], batch["prompt"], answers, batch["reference"])
         ]
 
+    # -- checkpoints: trainable weights (+ optimizer state); frozen weights are rebuilt from their source --------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["lit_mllm"] = {
+            "stage": self.stage.name,
+            "frozen_weights": "rebuilt from the config's sources",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.strict_loading = False  # frozen weights are absent on purpose; trainable ones are checked here
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - checkpoint["state_dict"].keys())
+        if missing:
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} weights that stage {self.stage.name!r} trains (e.g. {missing[:3]}); "
+                f"it was saved by stage {checkpoint.get('lit_mllm', {}).get('stage', '?')!r}. Use the same stage, "
+                "or start from it with the weights as initialisation"
+            )
+
     # -- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         """One optimizer over parameter groups per part (stage ``lr_scale``; no weight decay on norms, biases and
