@@ -11,6 +11,7 @@ image transform, image tokens per image) is connected to the DataModule, so the 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -54,6 +55,8 @@ def data_main(args: list[str]) -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand."""
+    # Frozen parts are in eval mode by design (the stage table printed at fit start says which).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     return LitMLLMCLI(
         VLMModule,
         LightningDataModule,
