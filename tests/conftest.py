@@ -46,6 +46,14 @@ def model() -> PrefixFusionVLM:
 
 
 @pytest.fixture(scope="session")
+def tiny_hub(tmp_path_factory):
+    """Tiny checkpoints standing in for every hub name the shipped configs use (see tests/stand_ins.py)."""
+    from tests.stand_ins import build_tiny_hub
+
+    return build_tiny_hub(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sw") / "shapesworld"
     ShapesWorld(image_size=32, num_train=24, num_val=8, num_test=8, min_object_px=4).write(root)

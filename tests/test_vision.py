@@ -1,7 +1,5 @@
 """Vision towers: feature-layer semantics, CLS handling, loading from saved checkpoints (HF and open_clip)."""
 
-import json
-
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
@@ -10,6 +8,7 @@ from lit_mllm.nn.vision import HFVisionTower, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.nn.vision.base import layers_to_keep
 from lit_mllm.nn.vision.hf import _block_list
 from tests.conftest import tiny_clip_vision_config
+from tests.stand_ins import save_open_clip
 
 
 @pytest.mark.parametrize("feature_layer", [-1, -2, 1, 3])
@@ -133,18 +132,9 @@ def test_blocks_are_the_remaining_blocks(feature_layer):
 
 
 def _save_open_clip(tmp_path):
-    import open_clip
-
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg).eval()
-    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
-    return model
+    vision = {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8}
+    return save_open_clip(tmp_path, vision)
 
 
 def test_open_clip_image_size(tmp_path):

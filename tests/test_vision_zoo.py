@@ -2,14 +2,13 @@
 position-table resampling for each, and fused towers (Prismatic concat, POINTS average). All tiny, random, saved
 to tmp dirs and loaded through the real loading code."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lit_mllm.nn.vision import FusedTowers, HFVisionTower, OpenCLIPTower, TinyCLIPVision, VisionTower
 from lit_mllm.nn.vision.base import CLIP_MEAN, CLIP_STD
+from tests.stand_ins import save_open_clip
 
 
 def tiny(kind: str):
@@ -93,27 +92,15 @@ def test_dinov2_table_is_bicubic_of_grid(tmp_path):
 def save_timm_clip(tmp_path, timm_name: str, pool: str, proj: str):
     """An open_clip CLIP whose vision tower is the tiny timm model ``timm_name`` (built at 160 px), saved as a
     ``local-dir:`` folder; timm weights are never downloaded (``timm_model_pretrained: false``)."""
-    import open_clip
-
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {
-            "timm_model_name": timm_name,
-            "timm_model_pretrained": False,
-            "timm_pool": pool,
-            "timm_proj": proj,
-            "image_size": 160,
-        },
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    vision = {
+        "timm_model_name": timm_name,
+        "timm_model_pretrained": False,
+        "timm_pool": pool,
+        "timm_proj": proj,
+        "image_size": 160,
     }
-    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    (tmp_path / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess})
-    )
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(**cfg).eval()
-    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
-    return model
+    return save_open_clip(tmp_path, vision, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
 
 
 def block_output(trunk, index: int, x):
