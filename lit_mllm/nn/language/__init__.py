@@ -2,6 +2,7 @@
 
 from lit_mllm.nn.language.chat import (
     ChatFormat,
+    Llama2Inst,
     Plain,
     TokenizerTemplate,
     Turn,
@@ -12,6 +13,7 @@ from lit_mllm.nn.language.model import LanguageModel, TinyLlama, TinyQwen2
 
 __all__ = [
     "ChatFormat",
+    "Llama2Inst",
     "Plain",
     "TokenizerTemplate",
     "Turn",

@@ -8,6 +8,7 @@ actually used (no per-round re-tokenization, no "tokenization mismatch" to ignor
 Formats:
 - :class:`VicunaV1` — LLaVA-v1 / Vicuna v1.1 (``conv_vicuna_v1``): ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``
 - :class:`Plain` — LLaVA pretraining (``conv_llava_plain``): ``<image>caption</s>``, caption learned
+- :class:`Llama2Inst` — Llama-2-chat (MiniGPT-v2, Pink): ``<s>[INST] q [/INST] a </s><s>[INST] ...``
 - :class:`TokenizerTemplate` — the tokenizer's own Jinja ``chat_template`` (ChatML, Llama, Qwen, ...)
 """
 
@@ -119,6 +120,40 @@ class Plain(ChatFormat):
             start = len(text)
             text += body[1].text + tokenizer.eos_token
             learn.append((start, len(text)))
+        return Rendered(text, learn)
+
+
+class Llama2Inst(ChatFormat):
+    """Llama-2-chat format (MiniGPT-v2, Pink): ``<s>[INST] user [/INST] reply </s><s>[INST] user [/INST] ...``.
+
+    A system prompt (the conversation's system turn, else ``system``) goes inside the first ``[INST]`` as
+    ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n``, as in Llama-2's reference code and chat template. Each reply is
+    learned with its leading space and end token.
+    """
+
+    def __init__(self, system: str = "", space_before_eos: bool = True) -> None:
+        """
+        Args:
+            system: System prompt used when the conversation brings none; "" (MiniGPT-v2, Pink) writes no
+                ``<<SYS>>`` block.
+            space_before_eos: Llama-2's ``reply </s>``; False gives ``reply</s>``, the text MiniGPT-v2 trains on.
+        """
+        self.system, self.space_before_eos = system, space_before_eos
+
+    def render(self, turns, tokenizer, add_generation_prompt=False):
+        check_turns(turns, for_generation=add_generation_prompt)
+        system = self.system
+        if turns[0].role == "system":
+            system, turns = turns[0].text, turns[1:]
+        text, learn = "", []
+        for i, turn in enumerate(turns):
+            if turn.role == "user":
+                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else ""
+                text += f"{tokenizer.bos_token or ''}[INST] {sys_block}{turn.text} [/INST]"
+            else:
+                start = len(text)
+                text += " " + turn.text + (" " if self.space_before_eos else "") + tokenizer.eos_token
+                learn.append((start, len(text)))
         return Rendered(text, learn)
 
 
