@@ -1,19 +1,25 @@
 """ShapesWorld: a deterministic, procedurally generated multimodal world for CPU-sized experiments.
 
-Each image is a 2 x 2 grid of cells; up to four objects (circle, square, triangle, diamond) of six colours
-and two sizes sit in distinct cells, so counts and positions are unambiguous. Every object is at least
-``min_object_px`` pixels wide, and small objects make resolution matter. The generator writes, in LLaVA's
-formats, into one folder:
+Each image is a grid of cells (2 x 2 by default); up to one object per cell (circle, square, triangle, diamond;
+six colours, two sizes), so counts and positions are unambiguous. Every object is at least ``min_object_px``
+pixels wide, and small objects make resolution matter; optionally a short word is drawn in a free cell in
+tiny print (``text_px`` pixels tall) and asked for. The generator writes into one folder, in LLaVA's formats:
 
     images/{split}_{index:06d}.png
     train.json            instruction data: one image, ``questions_per_image`` QA turns then a caption turn
     val.json, test.json   one question per record (accuracy is per question)
     captions_train.json, captions_val.json   caption data (LLaVA-Pretrain style) for the align stage
-    shapesworld.json      the generator's settings
+    shapesworld.json      the generator's settings and the list of files written
+
+and, chosen by ``extras`` (all by default; see :mod:`lit_mllm.data.shapesworld_formats`), the same images as
+img2dataset caption shards and JSONL/CSV caption manifests, OBELICS-style interleaved documents, a text-only
+corpus and RefCOCO-style grounding records. The extras never change the LLaVA files or the images: with the
+default settings those are byte for byte what they have always been.
 
 Question kinds: colour ("What color is the circle?"), shape ("What shape is the red object?"), count
-("How many shapes are there?"), position ("Where is the blue square?" -> "top left") and existence
-("Is there a green triangle?" -> "yes"/"no", balanced). Answers are single words or short phrases.
+("How many shapes are there?"), position ("Where is the blue square?" -> "top left"), existence
+("Is there a green triangle?" -> "yes"/"no", balanced) and, with ``text_px`` set, text ("What word is
+written in the image?" -> "CAT"). Answers are single words or short phrases.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import json
 import random
 import shutil
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -35,12 +43,24 @@ COLOURS = {
     "orange": (240, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-CELLS = ("top left", "top right", "bottom left", "bottom right")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # the cells of the 2 x 2 grid
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTION_KINDS = ("colour", "shape", "count", "position", "existence")
+TEXT_COLOUR = (0, 0, 0)  # the drawn word: no object has this colour
+
+Extra = Literal["caption_shards", "caption_manifests", "interleaved", "text_only", "grounding"]
+EXTRAS: tuple[Extra, ...] = get_args(Extra)
 
 
-def _article(word: str) -> str:
+def cell_names(grid: int) -> tuple[str, ...]:
+    """Names of the cells of a ``grid`` x ``grid`` layout, row by row ("top left", ..., "center", ...)."""
+    if grid == 2:
+        return CELLS
+    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
+    return tuple("center" if (r, c) == ("middle", "center") else f"{r} {c}" for r in rows for c in cols)
+
+
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -49,13 +69,28 @@ class Thing:
     shape: str
     colour: str
     size: str  # "small" | "large"
-    cell: int  # index into CELLS
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+    cell: int  # index into cell_names(grid)
+    # x0, y0, x1, y1 as handed to PIL, which draws x1/y1 too (ShapesWorld.pixel_box gives the drawn box)
+    box: tuple[int, int, int, int]
 
 
-def _draw(draw: ImageDraw.ImageDraw, thing: Thing) -> None:
+@dataclass(frozen=True)
+class Label:
+    """A word drawn in a cell of its own."""
+
+    word: str
+    cell: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the pasted glyph block, x1/y1 exclusive
+
+
+@dataclass(frozen=True)
+class Scene:
+    things: list[Thing]
+    label: Label | None = None
+
+
+def _draw(draw: ImageDraw.ImageDraw, thing: Thing, fill: tuple[int, int, int] | int) -> None:
     x0, y0, x1, y1 = thing.box
-    fill = COLOURS[thing.colour]
     if thing.shape == "circle":
         draw.ellipse(thing.box, fill=fill)
     elif thing.shape == "square":
@@ -65,6 +100,24 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing) -> None:
     else:  # diamond
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+
+
+@lru_cache(maxsize=512)
+def glyphs(word: str, px: int) -> Image.Image:
+    """``word`` in PIL's bitmap font as an ``L`` mask cropped to its ink, scaled so capitals are ``px`` tall
+    (nearest-neighbour when enlarging, box-averaged when shrinking)."""
+    font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") else None
+    font = font or ImageFont.load_default()
+
+    def ink(text: str) -> Image.Image:
+        canvas = Image.new("L", (8 * len(text) + 8, 16))
+        ImageDraw.Draw(canvas).text((0, 0), text, font=font, fill=255)
+        return canvas.crop(canvas.getbbox())
+
+    scale = px / ink("H").height
+    mask = ink(word)
+    size = (max(1, round(mask.width * scale)), max(1, round(mask.height * scale)))
+    return mask.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BOX)
 
 
 @dataclass
@@ -81,7 +134,7 @@ class ShapesWorld:
     num_test: int = 300
     """Test images (one question each)."""
     max_objects: int = 4
-    """At most this many objects per image (1..4, one per grid cell)."""
+    """At most this many objects per image (1..grid**2, one per grid cell)."""
     min_object_px: int = 8
     """Side of the smallest objects in pixels."""
     small_fraction: float = 0.5
@@ -96,55 +149,173 @@ class ShapesWorld:
     """Background RGB colour."""
     seed: int = 0
     """Seed of everything random."""
+    grid: Literal[2, 3] = 2
+    """Cells per side: 2 ("top left" .. "bottom right", up to 4 objects) or 3 ("top center", "center", ..., up
+    to 9 objects)."""
+    small_px: tuple[int, int] | None = None
+    """Side range of small objects in pixels, both ends included; default ``min_object_px`` .. 40% of a cell."""
+    large_px: tuple[int, int] | None = None
+    """Side range of large objects in pixels, both ends included; default 60% .. 90% of a cell (at least
+    ``min_object_px + 2``, at most the cell side - 2)."""
+    text_px: int | None = None
+    """Draw one word of ``text_words`` per image in a free cell, its capitals this many pixels tall (PIL's
+    bitmap font, scaled), named in the caption and asked for by a "text" question; a scene then holds at most
+    grid**2 - 1 objects. None: no text."""
+    text_words: tuple[str, ...] = ("CAT", "DOG", "SUN", "BOX", "CUP", "HAT", "KEY", "PEN", "MAP", "BUS")
+    """Words (or single letters) drawn when ``text_px`` is set (printable ASCII)."""
+    extras: tuple[Extra, ...] = EXTRAS
+    """Formats written besides LLaVA's, for every split: ``caption_shards`` (img2dataset webdataset tars in
+    ``captions_{split}/``), ``caption_manifests`` (``captions_{split}.jsonl`` / ``.csv``), ``interleaved``
+    (``interleaved_{split}.jsonl``), ``text_only`` (``text_{split}.jsonl``), ``grounding``
+    (``grounding_{split}.jsonl``). They never change the LLaVA files or the images."""
+    shard_size: int = 1000
+    """Caption pairs per webdataset shard (1..10000: a key is the shard's 5 digits and the index's 4)."""
+    jpeg_quality: int = 95
+    """JPEG quality of the images in the caption shards."""
+    documents_per_image: float = 0.5
+    """Interleaved documents per image of a split (each shows 2-4 of the split's images)."""
+    texts_per_image: float = 1.0
+    """Text-only documents per image of a split."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_objects <= 4:
+        if self.grid not in (2, 3):
+            raise ValueError(f"grid must be 2 or 3, got {self.grid}")
+        cells = self.grid**2
+        if not 1 <= self.max_objects <= cells:
             raise ValueError(
-                f"max_objects must be in 1..4 (one object per grid cell), got {self.max_objects}"
+                f"max_objects must be in 1..{cells} (one object per cell of the {self.grid} x {self.grid} "
+                f"grid), got {self.max_objects}"
             )
-        if not 4 <= self.min_object_px <= self.image_size // 2 - 2:
+        if not 4 <= self.min_object_px <= self.cell_px - 2:
             raise ValueError(
-                f"min_object_px must be in 4..{self.image_size // 2 - 2} for image_size={self.image_size}"
+                f"min_object_px must be in 4..{self.cell_px - 2} for image_size={self.image_size} "
+                f"and grid={self.grid}"
             )
+        small, large = self.size_ranges()
+        for name, (lo, hi) in (("small_px", small), ("large_px", large)):
+            if not self.min_object_px <= lo <= hi <= self.cell_px - 2:
+                raise ValueError(
+                    f"{name}={(lo, hi)} must satisfy min_object_px={self.min_object_px} <= low <= high <= "
+                    f"{self.cell_px - 2} (a cell of {self.cell_px} px less a 1 px margin each side)"
+                )
+        if small[1] >= large[0]:
+            raise ValueError(f"small objects {small} must all be smaller than large ones {large}")
+        if self.text_px is not None:
+            self._check_text()
+        unknown = [e for e in self.extras if e not in EXTRAS]
+        if unknown or len(set(self.extras)) != len(self.extras):
+            raise ValueError(f"extras must be distinct choices of {EXTRAS}, got {self.extras}")
+        if not 1 <= self.shard_size <= 10_000:
+            raise ValueError(
+                f"shard_size must be in 1..10000 (4-digit index in a key), got {self.shard_size}"
+            )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.documents_per_image < 0 or self.texts_per_image < 0:
+            raise ValueError("documents_per_image and texts_per_image must be >= 0")
+
+    def _check_text(self) -> None:
+        if not 3 <= self.text_px <= self.cell_px - 2:
+            raise ValueError(
+                f"text_px must be in 3..{self.cell_px - 2} (the cell side - 2), got {self.text_px}"
+            )
+        if not self.text_words:
+            raise ValueError("text_words is empty: give at least one word to draw")
+        for word in self.text_words:
+            if not (word and word.isascii() and word.isprintable() and word == word.strip()):
+                raise ValueError(f"text word {word!r} must be non-empty printable ASCII without outer spaces")
+            width = glyphs(word, self.text_px).width
+            if width > self.cell_px - 2:
+                raise ValueError(
+                    f"text word {word!r} is {width} px wide at text_px={self.text_px}, more than a cell "
+                    f"({self.cell_px} px) less its margins: use a shorter word, a smaller text_px or a larger "
+                    "image_size"
+                )
+
+    @property
+    def cell_px(self) -> int:
+        return self.image_size // self.grid
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        return cell_names(self.grid)
+
+    def size_ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(low, high) sides in pixels of small and of large objects."""
+        c, lo = self.cell_px, self.min_object_px
+        small = self.small_px or (lo, max(lo, int(c * 0.4)))
+        large = self.large_px or (max(lo + 2, int(c * 0.6)), min(int(c * 0.9), c - 2))
+        return (int(small[0]), int(small[1])), (int(large[0]), int(large[1]))
 
     # -- one scene -------------------------------------------------------------------------------------------
-    def scene(self, rng: random.Random) -> list[Thing]:
-        cell_px = self.image_size // 2
-        large_px = (max(self.min_object_px + 2, int(cell_px * 0.6)), int(cell_px * 0.9))
-        small_px = (self.min_object_px, max(self.min_object_px, int(cell_px * 0.4)))
+    def layout(self, rng: random.Random) -> Scene:
+        """A random scene: objects in distinct cells and, with ``text_px``, a word in a cell of its own."""
+        c, n = self.cell_px, self.grid
+        small, large = self.size_ranges()
+        most = min(self.max_objects, n * n - 1) if self.text_px else self.max_objects
         things = []
-        for cell in rng.sample(range(4), rng.randint(1, self.max_objects)):
+        for cell in rng.sample(range(n * n), rng.randint(1, most)):
             size = "small" if rng.random() < self.small_fraction else "large"
-            side = rng.randint(*(small_px if size == "small" else large_px))
-            cx, cy = (cell % 2) * cell_px, (cell // 2) * cell_px
-            x0 = cx + rng.randint(1, cell_px - side - 1)
-            y0 = cy + rng.randint(1, cell_px - side - 1)
+            side = rng.randint(*(small if size == "small" else large))
+            cx, cy = (cell % n) * c, (cell // n) * c
+            x0 = cx + rng.randint(1, c - side - 1)
+            y0 = cy + rng.randint(1, c - side - 1)
             things.append(
                 Thing(
                     rng.choice(SHAPES), rng.choice(list(COLOURS)), size, cell, (x0, y0, x0 + side, y0 + side)
                 )
             )
-        return things
+        label = None
+        if self.text_px:
+            cell = rng.choice(sorted(set(range(n * n)) - {t.cell for t in things}))
+            word = rng.choice(self.text_words)
+            w, h = glyphs(word, self.text_px).size
+            x0 = (cell % n) * c + rng.randint(1, c - w - 1)
+            y0 = (cell // n) * c + rng.randint(1, c - h - 1)
+            label = Label(word, cell, (x0, y0, x0 + w, y0 + h))
+        return Scene(things, label)
 
-    def render(self, things: list[Thing]) -> Image.Image:
+    def scene(self, rng: random.Random) -> list[Thing]:
+        """The objects of :meth:`layout` (without the word)."""
+        return self.layout(rng).things
+
+    def render(self, things: list[Thing], label: Label | None = None) -> Image.Image:
         image = Image.new("RGB", (self.image_size, self.image_size), tuple(self.background))
         draw = ImageDraw.Draw(image)
         for t in things:
-            _draw(draw, t)
+            _draw(draw, t, COLOURS[t.colour])
+        if label is not None:
+            image.paste(TEXT_COLOUR, label.box, glyphs(label.word, self.text_px))
         return image
 
-    @staticmethod
-    def caption(things: list[Thing]) -> str:
-        parts = [
-            f"a {t.size} {t.colour} {t.shape} at the {CELLS[t.cell]}"
+    def pixel_box(self, item: Thing | Label) -> tuple[int, int, int, int]:
+        """The tight box (x1, y1, x2, y2) of the pixels an object or the word covers; x2/y2 exclusive."""
+        mask = Image.new("L", (self.image_size, self.image_size))
+        if isinstance(item, Label):
+            mask.paste(glyphs(item.word, self.text_px), item.box[:2])
+        else:
+            _draw(ImageDraw.Draw(mask), item, 255)
+        return mask.getbbox()
+
+    def phrases(self, things: list[Thing]) -> list[str]:
+        """Every object as "a small red circle at the top left", in cell order."""
+        return [
+            f"a {t.size} {t.colour} {t.shape} at the {self.cells[t.cell]}"
             for t in sorted(things, key=lambda t: t.cell)
         ]
+
+    def caption(self, things: list[Thing], label: Label | None = None) -> str:
+        parts = self.phrases(things)
         listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         n = len(things)
-        return f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: {listing}."
+        text = f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: {listing}."
+        if label is not None:
+            text += f' The word "{label.word}" is written at the {self.cells[label.cell]}.'
+        return text
 
-    @staticmethod
-    def question(things: list[Thing], rng: random.Random, kind: str) -> tuple[str, str]:
+    def question(
+        self, things: list[Thing], rng: random.Random, kind: str, label: Label | None = None
+    ) -> tuple[str, str]:
         """A (question, answer) pair of the given kind, falling back to ``count`` when the scene cannot ask it."""
         by_shape = [t for t in things if sum(u.shape == t.shape for u in things) == 1]
         by_colour = [t for t in things if sum(u.colour == t.colour for u in things) == 1]
@@ -157,7 +328,7 @@ class ShapesWorld:
             return f"What shape is the {t.colour} object? Answer with one word.", t.shape
         if kind == "position" and unique:
             t = rng.choice(unique)
-            return f"Where is the {t.colour} {t.shape}? Answer with its position.", CELLS[t.cell]
+            return f"Where is the {t.colour} {t.shape}? Answer with its position.", self.cells[t.cell]
         if kind == "existence":
             if rng.random() < 0.5:
                 t = rng.choice(things)
@@ -166,12 +337,16 @@ class ShapesWorld:
                 present = {(t.shape, t.colour) for t in things}
                 shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present])
                 answer = "no"
-            return f"Is there {_article(colour)} {colour} {shape}? Answer yes or no.", answer
+            return f"Is there {article(colour)} {colour} {shape}? Answer yes or no.", answer
+        if kind == "text" and label is not None:
+            return "What word is written in the image? Answer with the word.", label.word
         return "How many shapes are there? Answer with a number.", str(len(things))
 
     # -- the dataset -----------------------------------------------------------------------------------------
     def write(self, root: Path) -> None:
         from tqdm.auto import tqdm
+
+        from lit_mllm.data.shapesworld_formats import write_extras
 
         root = Path(root)
         if root.exists():
@@ -180,14 +355,19 @@ class ShapesWorld:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "images").mkdir(parents=True)
         splits = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        kinds = QUESTION_KINDS + (("text",) if self.text_px else ())
+        scenes: dict[str, list[tuple[str, Scene]]] = {}
+        files = []
         with tqdm(total=sum(splits.values()), desc=f"ShapesWorld -> {root}", unit="img") as bar:
             for split, count in splits.items():
                 rng = random.Random(f"{self.seed}/{split}")
-                records, captions = [], []
+                records, captions, scenes[split] = [], [], []
                 for i in range(count):
-                    things = self.scene(rng)
+                    scene = self.layout(rng)
+                    things, label = scene.things, scene.label
                     name = f"images/{split}_{i:06d}.png"
-                    self.render(things).save(tmp / name)
+                    self.render(things, label).save(tmp / name)
+                    scenes[split].append((name, scene))
                     sid = f"{split}_{i:06d}"
                     captions.append(
                         {
@@ -195,16 +375,16 @@ class ShapesWorld:
                             "image": name,
                             "conversations": [
                                 {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                {"from": "gpt", "value": self.caption(things)},
+                                {"from": "gpt", "value": self.caption(things, label)},
                             ],
                         }
                     )
                     qa = [
-                        self.question(things, rng, rng.choice(QUESTION_KINDS))
+                        self.question(things, rng, rng.choice(kinds), label)
                         for _ in range(self.questions_per_image if split == "train" else 1)
                     ]
                     if split == "train" and self.caption_turn:  # last: earlier answers cannot be read off it
-                        qa.append(("Describe the image briefly.", self.caption(things)))
+                        qa.append(("Describe the image briefly.", self.caption(things, label)))
                     convs = []
                     for q, (question, answer) in enumerate(qa):
                         convs += [
@@ -214,9 +394,13 @@ class ShapesWorld:
                     records.append({"id": sid, "image": name, "conversations": convs})
                     bar.update()
                 (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
+                files.append(f"{split}.json")
                 if split != "test":
                     (tmp / f"captions_{split}.json").write_text(json.dumps(captions, indent=1))
-        (tmp / "shapesworld.json").write_text(json.dumps(asdict(self), indent=1))
+                    files.append(f"captions_{split}.json")
+        files += write_extras(self, tmp, scenes)
+        meta = {"generator": asdict(self), "images": sum(splits.values()), "files": files}
+        (tmp / "shapesworld.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(root)
 
 
@@ -225,7 +409,7 @@ def write_shapesworld(*, out: str, generator: ShapesWorld = ShapesWorld()) -> No
 
     Args:
         out: Folder to create (must not exist).
-        generator: Generator settings (image size, counts, object sizes, seed, ...).
+        generator: Generator settings (image size, counts, object sizes, text, extra formats, seed, ...).
     """
     generator.write(Path(out))
     print(f"wrote {out}")

@@ -1,0 +1,332 @@
+"""ShapesWorld's formats besides LLaVA's, written next to the LLaVA files from the same images and scenes.
+
+Per split (``train``, ``val``, ``test``), each chosen by :attr:`ShapesWorld.extras`:
+
+    captions_{split}/{shard:05d}.tar   caption pairs as img2dataset writes webdataset shards: per sample
+                                       ``{key}.jpg``, ``{key}.txt``, ``{key}.json``; key = shard (5 digits) +
+                                       index in the shard (4 digits)
+    captions_{split}.jsonl / .csv      the same pairs as manifests: ``{"image", "caption"}`` / ``image,caption``
+    interleaved_{split}.jsonl          OBELICS-style documents ``{"id", "texts", "images"}`` (parallel lists,
+                                       one non-null per position) showing 2-4 images, described and compared
+    text_{split}.jsonl                 text-only corpus ``{"id", "text"}``: facts, counting, positions, stories
+    grounding_{split}.jsonl            RefCOCO-style ``{"id", "image", "width", "height", "objects": [{"phrase",
+                                       "box": [x1, y1, x2, y2]}]}``: pixel boxes that tightly bound what is
+                                       drawn, x2/y2 exclusive (PIL's ``getbbox``; columns x1..x2-1), phrases
+                                       unambiguous within their image
+
+Each writer draws from its own random stream (``{seed}/{split}/{kind}``), so choosing or dropping one never
+changes another, and tar members carry fixed metadata (mtime 0, uid/gid 0), so the same settings give the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lit_mllm.data.shapesworld import COLOURS, NUMBER_WORDS, SHAPES, Scene, Thing, article
+
+if TYPE_CHECKING:
+    from lit_mllm.data.shapesworld import Extra, ShapesWorld
+
+Images = list[tuple[str, Scene]]  # (path relative to the dataset folder, scene) per image of a split
+CORNERS = {"circle": "no", "square": "four", "triangle": "three", "diamond": "four"}
+NAMES = ("Ada", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gia", "Hugo", "Iris", "Jon")
+
+
+def write_extras(world: ShapesWorld, root: Path, splits: dict[str, Images]) -> list[str]:
+    """Write ``world.extras`` for every split into ``root``; the paths written, relative to ``root``."""
+    writers: dict[Extra, Callable[..., list[str]]] = {
+        "caption_shards": write_caption_shards,
+        "caption_manifests": write_caption_manifests,
+        "interleaved": write_interleaved,
+        "text_only": write_text_only,
+        "grounding": write_grounding,
+    }
+    written = []
+    for split, images in splits.items():
+        for kind in world.extras:
+            written += writers[kind](
+                world, root, split, images, random.Random(f"{world.seed}/{split}/{kind}")
+            )
+    return written
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def _listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} {noun}{'' if n == 1 else 's'}"
+
+
+# -- caption pairs ---------------------------------------------------------------------------------------------
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: the same bytes on every run and machine
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_caption_shards(
+    world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
+) -> list[str]:
+    """``captions_{split}/{shard:05d}.tar``, ``world.shard_size`` samples each, in image order."""
+    written = []
+    for shard, start in enumerate(range(0, len(images), world.shard_size)):
+        path = root / f"captions_{split}" / f"{shard:05d}.tar"
+        path.parent.mkdir(exist_ok=True)
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for index, (_, scene) in enumerate(images[start : start + world.shard_size]):
+                key, caption = f"{shard:05d}{index:04d}", world.caption(scene.things, scene.label)
+                jpeg = io.BytesIO()
+                world.render(scene.things, scene.label).save(jpeg, "JPEG", quality=world.jpeg_quality)
+                size = world.image_size
+                meta = {
+                    "key": key,
+                    "caption": caption,
+                    "url": None,
+                    "width": size,
+                    "height": size,
+                    "original_width": size,
+                    "original_height": size,
+                    "status": "success",
+                    "error_message": None,
+                }
+                _add(tar, f"{key}.jpg", jpeg.getvalue())
+                _add(tar, f"{key}.txt", caption.encode("utf-8"))
+                _add(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
+        written.append(path.relative_to(root).as_posix())
+    return written
+
+
+def write_caption_manifests(
+    world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
+) -> list[str]:
+    """``captions_{split}.jsonl`` (``{"image", "caption"}`` lines) and ``captions_{split}.csv``."""
+    pairs = [(name, world.caption(scene.things, scene.label)) for name, scene in images]
+    _jsonl(root / f"captions_{split}.jsonl", [{"image": name, "caption": caption} for name, caption in pairs])
+    with open(root / f"captions_{split}.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows(pairs)
+    return [f"captions_{split}.jsonl", f"captions_{split}.csv"]
+
+
+# -- interleaved documents -------------------------------------------------------------------------------------
+def _describe(world: ShapesWorld, scene: Scene, k: int, rng: random.Random) -> str:
+    n = len(scene.things)
+    listing = _listing(world.phrases(scene.things))
+    text = rng.choice(
+        [
+            f"It shows {_count(n, 'shape')}: {listing}.",
+            f"In picture {k} there {'is' if n == 1 else 'are'} {_count(n, 'shape')}: {listing}.",
+            f"Picture {k} has {listing}.",
+        ]
+    )
+    if scene.label is not None:
+        text += f' The word "{scene.label.word}" is written at the {world.cells[scene.label.cell]}.'
+    return text
+
+
+def _which(ks: list[int]) -> str:
+    return f"picture {ks[0]}" if len(ks) == 1 else "pictures " + _listing([str(k) for k in ks])
+
+
+def _compare(scenes: list[Scene], rng: random.Random) -> str:
+    """Sentences comparing the pictures: most/fewest shapes, a kind of object only one, all or none contain,
+    and how many shapes of a colour they show together."""
+    n = len(scenes)
+    counts = [len(s.things) for s in scenes]
+    sentences = []
+    if len(set(counts)) == 1:
+        sentences.append(f"All {NUMBER_WORDS[n]} pictures have {_count(counts[0], 'shape')}.")
+    else:
+        for word, best in (("most", max(counts)), ("fewest", min(counts))):
+            ks = [k for k, c in enumerate(counts, 1) if c == best]
+            verb = "has" if len(ks) == 1 else "have"
+            sentences.append(f"{_which(ks).capitalize()} {verb} the {word} shapes: {NUMBER_WORDS[best]}.")
+    kinds = [{(t.colour, t.shape) for t in s.things} for s in scenes]
+    holders = {pair: [k for k, ks in enumerate(kinds, 1) if pair in ks] for pair in set().union(*kinds)}
+    only = sorted(pair for pair, ks in holders.items() if len(ks) == 1)
+    every = sorted(pair for pair, ks in holders.items() if len(ks) == n)
+    if only:
+        colour, shape = rng.choice(only)
+        sentences.append(
+            f"Only {_which(holders[colour, shape])} contains {article(colour)} {colour} {shape}."
+        )
+    if every:
+        colour, shape = rng.choice(every)
+        sentences.append(
+            f"{'Both pictures' if n == 2 else 'Every picture'} contain{'' if n == 2 else 's'} "
+            f"{article(colour)} {colour} {shape}."
+        )
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in holders]
+    colour, shape = rng.choice(absent)
+    sentences.append(
+        f"{'Neither picture' if n == 2 else 'None of the pictures'} contains "
+        f"{article(colour)} {colour} {shape}."
+    )
+    colour = rng.choice(sorted({t.colour for s in scenes for t in s.things}))
+    together = sum(t.colour == colour for s in scenes for t in s.things)
+    sentences.append(f"Together the pictures show {_count(together, colour + ' shape')}.")
+    return " ".join(sentences)
+
+
+def document(world: ShapesWorld, picked: Images, rng: random.Random) -> dict[str, list[str | None]]:
+    """One OBELICS-style document: an introduction, then per picture a title, the image and its description,
+    then a comparison; ``{"texts": [...], "images": [...]}`` with one non-null per position."""
+    texts: list[str | None] = []
+    images: list[str | None] = []
+
+    def text(value: str) -> None:
+        texts.append(value)
+        images.append(None)
+
+    n = len(picked)
+    text(
+        rng.choice(
+            [f"Here are {NUMBER_WORDS[n]} pictures of shapes.", f"Look at these {NUMBER_WORDS[n]} pictures."]
+        )
+    )
+    for k, (name, scene) in enumerate(picked, 1):
+        text(f"Picture {k}:")
+        texts.append(None)
+        images.append(name)
+        text(_describe(world, scene, k, rng))
+    text(_compare([scene for _, scene in picked], rng))
+    return {"texts": texts, "images": images}
+
+
+def write_interleaved(
+    world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
+) -> list[str]:
+    """``interleaved_{split}.jsonl``: ``documents_per_image`` documents per image, each of 2-4 distinct images."""
+    count = math.ceil(len(images) * world.documents_per_image) if len(images) >= 2 else 0
+    rows = []
+    for d in range(count):
+        picked = [images[j] for j in rng.sample(range(len(images)), rng.randint(2, min(4, len(images))))]
+        rows.append({"id": f"{split}_doc_{d:06d}", **document(world, picked, rng)})
+    _jsonl(root / f"interleaved_{split}.jsonl", rows)
+    return [f"interleaved_{split}.jsonl"]
+
+
+# -- text-only corpus ------------------------------------------------------------------------------------------
+def _facts(world: ShapesWorld, rng: random.Random) -> str:
+    facts = [f"{article(s).capitalize()} {s} has {CORNERS[s]} corners." for s in SHAPES] + [
+        "A square has four sides of the same length.",
+        "A triangle has three sides.",
+        "A diamond is a square standing on one of its corners.",
+        "Orange is a mix of red and yellow.",
+        "Purple is a mix of red and blue.",
+        "Green is a mix of blue and yellow.",
+        "A large shape covers more of the picture than a small one.",
+        f"A picture has {_count(world.grid**2, 'cell')}, and each cell holds at most one shape.",
+    ]
+    return " ".join(rng.sample(facts, rng.randint(2, 4)))
+
+
+def _counting(world: ShapesWorld, rng: random.Random) -> str:
+    (c1, s1), (c2, s2) = rng.sample([(c, s) for c in COLOURS for s in SHAPES], 2)
+    a, b = rng.randint(1, 4), rng.randint(1, 4)
+    return (
+        f"There {'is' if a == 1 else 'are'} {_count(a, f'{c1} {s1}')} and {_count(b, f'{c2} {s2}')}. "
+        f"That makes {_count(a + b, 'shape')} in all. If one {c1} {s1} is taken away, "
+        f"{_count(a + b - 1, 'shape')} {'is' if a + b - 1 == 1 else 'are'} left."
+    )
+
+
+def _positions(world: ShapesWorld, rng: random.Random) -> str:
+    n = world.grid
+    (p, q), (s1, s2), (c1, c2) = (
+        rng.sample(range(n * n), 2),
+        rng.sample(SHAPES, 2),
+        rng.sample(list(COLOURS), 2),
+    )
+    (r1, k1), (r2, k2) = divmod(p, n), divmod(q, n)
+    vertical = "above" if r1 < r2 else "below" if r1 > r2 else ""
+    horizontal = "to the left of" if k1 < k2 else "to the right of" if k1 > k2 else ""
+    relation = " and ".join(r for r in (vertical, horizontal) if r)
+    return (
+        f"{article(c1).capitalize()} {c1} {s1} is at the {world.cells[p]} and {article(c2)} {c2} {s2} is at "
+        f"the {world.cells[q]}. So the {c1} {s1} is {relation} the {c2} {s2}."
+    )
+
+
+def _story(world: ShapesWorld, rng: random.Random) -> str:
+    name, things = rng.choice(NAMES), world.layout(rng).things
+    said = [f"{name} draws a picture."]
+    for i, t in enumerate(things):
+        verb = "First" if i == 0 else rng.choice(["Then", "Next", "After that"])
+        said.append(
+            f"{verb} {name} draws {article(t.size)} {t.size} {t.colour} {t.shape} at the {world.cells[t.cell]}."
+        )
+    said.append(f"Now the picture has {_count(len(things), 'shape')}.")
+    return " ".join(said)
+
+
+def write_text_only(
+    world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
+) -> list[str]:
+    """``text_{split}.jsonl``: ``texts_per_image`` documents per image, unique ids."""
+    kinds = (_facts, _counting, _positions, _story)
+    count = math.ceil(len(images) * world.texts_per_image)
+    _jsonl(
+        root / f"text_{split}.jsonl",
+        [{"id": f"{split}_text_{i:06d}", "text": rng.choice(kinds)(world, rng)} for i in range(count)],
+    )
+    return [f"text_{split}.jsonl"]
+
+
+# -- grounding -------------------------------------------------------------------------------------------------
+def referring_phrase(world: ShapesWorld, thing: Thing, things: list[Thing], rng: random.Random) -> str:
+    """A phrase naming ``thing`` and no other object of ``things`` ("the red circle", "the small circle", ...);
+    the cell always disambiguates, since a cell holds one object."""
+    others = [u for u in things if u is not thing]
+
+    def unique(*attrs: str) -> bool:
+        return not any(all(getattr(u, a) == getattr(thing, a) for a in attrs) for u in others)
+
+    t = thing
+    options = [
+        (unique("shape"), f"the {t.shape}"),
+        (unique("colour"), f"the {t.colour} shape"),
+        (unique("colour", "shape"), f"the {t.colour} {t.shape}"),
+        (unique("size", "shape"), f"the {t.size} {t.shape}"),
+        (unique("size", "colour", "shape"), f"the {t.size} {t.colour} {t.shape}"),
+        (True, f"the {t.colour} {t.shape} at the {world.cells[t.cell]}"),
+    ]
+    return rng.choice([phrase for ok, phrase in options if ok])
+
+
+def write_grounding(
+    world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
+) -> list[str]:
+    """``grounding_{split}.jsonl``: per image, every object (and the word) with a phrase and its tight box."""
+    rows = []
+    for name, scene in images:
+        things = sorted(scene.things, key=lambda t: t.cell)
+        objects = [
+            {"phrase": referring_phrase(world, t, things, rng), "box": list(world.pixel_box(t))}
+            for t in things
+        ]
+        if scene.label is not None:
+            objects.append(
+                {"phrase": f'the word "{scene.label.word}"', "box": list(world.pixel_box(scene.label))}
+            )
+        size = world.image_size
+        rows.append({"id": Path(name).stem, "image": name, "width": size, "height": size, "objects": objects})
+    _jsonl(root / f"grounding_{split}.jsonl", rows)
+    return [f"grounding_{split}.jsonl"]
