@@ -2,6 +2,8 @@
 
     lit-mllm fit|validate|test|predict --config FILE   LightningCLI over a family module and a DataModule
     lit-mllm describe --config FILE                    parameters per part, image tokens, connector FLOPs
+    lit-mllm validate-data --config FILE               every record processed; problems per reason, named
+    lit-mllm export --config FILE --ckpt_path CKPT --out DIR   a transformers LLaVA folder, or safetensors
     lit-mllm data shapesworld --out DIR                write the generated ShapesWorld dataset
 
 After the model and data are built from the config, the model's processor (tokenizer, chat format,
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
+import yaml
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mllm.lit.base import VLMModule
 
@@ -31,7 +36,8 @@ DESCRIPTION = """lit-mllm: train and evaluate multimodal LLMs from YAML.
 
 Run `lit-mllm fit --config configs/quickstart.yaml` for a tiny model on generated data (CPU, minutes).
 Other commands: `lit-mllm describe --config FILE` prints what a config builds (parameters per part, image
-tokens per image, connector FLOPs per image); `lit-mllm data shapesworld --help` writes the ShapesWorld
+tokens per image, connector FLOPs per image); `lit-mllm validate-data --config FILE` processes every record of
+the config's data and reports problems per reason; `lit-mllm data shapesworld --help` writes the ShapesWorld
 dataset."""
 
 
@@ -53,10 +59,49 @@ def data_main(args: list[str]) -> None:
     CLI({"shapesworld": write_shapesworld}, args=args, prog="lit-mllm data", description="Write datasets.")
 
 
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
+
+
+def model_only_args(args: list[str]) -> list[str]:
+    """A run's saved ``config.yaml`` also records its subcommand's options (``ckpt_path``, ...), which the
+    model-only parser refuses: pass such files on as YAML text without those keys."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        value = None
+        if arg == "--config" and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        path = Path(value)
+        node = (
+            yaml.safe_load(path.read_text()) if path.is_file() and path.suffix in (".yaml", ".yml") else None
+        )
+        if isinstance(node, dict) and any(k in node for k in SUBCOMMAND_KEYS):
+            dropped = {k: node.pop(k) for k in SUBCOMMAND_KEYS if k in node}
+            if dropped.get("ckpt_path"):
+                rank_zero_info(
+                    f"ignoring ckpt_path={dropped['ckpt_path']} recorded in {path} (where that run started); "
+                    "give --ckpt_path"
+                )
+            value = yaml.safe_dump(node, sort_keys=False)
+        out += ["--config", value]
+    return out
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
-    """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand."""
+    """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand (a run's
+    saved ``config.yaml`` is accepted: its subcommand keys are dropped)."""
+    if not run and args is not None:
+        args = model_only_args(list(args))
     # Frozen parts are in eval mode by design (the stage table printed at fit start says which).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # MixtureData's training stream knows its exact length per rank (workers split batches, not samples).
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     return LitMLLMCLI(
         VLMModule,
         LightningDataModule,
@@ -90,14 +135,22 @@ def describe_main(args: list[str]) -> dict:
     return facts
 
 
-def run(args: list[str] | None = None) -> LitMLLMCLI | dict | None:
-    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, or None)."""
+def run(args: list[str] | None = None) -> object:
+    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, a report, or None)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["data"]:
         data_main(argv[1:])
         return None
     if argv[:1] == ["describe"]:
         return describe_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from lit_mllm.training.export import export_main
+
+        return export_main(argv[1:])
+    if argv[:1] == ["validate-data"]:
+        from lit_mllm.data.validate import validate_main
+
+        return validate_main(argv[1:])
     return build_cli(args)
 
 

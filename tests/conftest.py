@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lit_mllm.data import ConversationData, ShapesWorld, collate, read_llava  # noqa: E402
+from lit_mllm.data import Conversations, MixtureData, ShapesWorld, collate, read_llava  # noqa: E402
 from lit_mllm.lit import PrefixFusionVLM  # noqa: E402
 from lit_mllm.nn.language import TinyLlama  # noqa: E402
 from lit_mllm.nn.vision import TinyCLIPVision  # noqa: E402
@@ -60,9 +60,16 @@ def shapes_root(tmp_path_factory):
     return root
 
 
+def shapes_data(root, **kwargs) -> MixtureData:
+    """The quickstart's DataModule shape: ShapesWorld's LLaVA-format train/val/test files."""
+    splits = {split: {"shapesworld": Conversations(f"{split}.json")} for split in ("train", "val", "test")}
+    kwargs.setdefault("num_workers", 0)
+    return MixtureData(str(root), **splits, **kwargs)
+
+
 @pytest.fixture
-def datamodule(shapes_root, model) -> ConversationData:
-    dm = ConversationData(str(shapes_root), batch_size=4, num_workers=0)
+def datamodule(shapes_root, model) -> MixtureData:
+    dm = shapes_data(shapes_root, batch_size=4)
     dm.connect(model.processor())
     dm.setup("fit")
     return dm

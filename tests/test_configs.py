@@ -1,6 +1,7 @@
 """Every shipped config is parsed and instantiated; real-weight configs are instantiated with their hub
 names pointed at tiny checkpoints saved in a temp dir (same architectures, nothing downloaded)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def overrides(path: Path, data_root: Path, out: Path) -> list[str]:
         str(data_root),
         "--data.init_args.num_workers",
         "0",
+        "--data.init_args.batch_size",
+        "4",
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
@@ -33,8 +36,14 @@ def overrides(path: Path, data_root: Path, out: Path) -> list[str]:
         str(out),
     ]
     config = yaml.safe_load(path.read_text())
-    if not (data_root / config["data"]["init_args"].get("train", "train.json")).is_file():
-        args += ["--data.init_args.train", "train.json"]  # a real dataset's file name
+    train = config["data"]["init_args"].get("train") or {}
+    missing = {
+        name: {"init_args": {"path": "train.json"}}  # a real dataset's files -> ShapesWorld's
+        for name, source in train.items()
+        if not (data_root / source["init_args"]["path"]).exists()
+    }
+    if missing:
+        args += ["--data.init_args.train", json.dumps(missing)]
     return args
 
 
@@ -70,7 +79,7 @@ def test_overlay_stacks_on_its_base(shapes_root, tmp_path):
     )
     assert cli.model.stage.trainable == ["connector"]
     assert type(cli.model.language_model.chat_format).__name__ == "Plain"
-    assert cli.datamodule.files["fit"] == "captions_train.json"
+    assert cli.datamodule.splits["fit"]["shapesworld"].path == "captions_train.json"
 
 
 @pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)

@@ -1,4 +1,5 @@
-"""LLaVA-format reading, bad-input errors that name file and record, the processor, ShapesWorld."""
+"""LLaVA-format reading, bad-input errors that name file and record (with their counted reason), the processor,
+ShapesWorld."""
 
 import json
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lit_mllm.data import ConversationData, DataError, ShapesWorld, collate, read_llava
-from lit_mllm.data.shapesworld import CELLS, COLOURS
+from lit_mllm.data import DataError, ShapesWorld, collate, read_llava
 from lit_mllm.nn.language.chat import IGNORE_INDEX
+from tests.conftest import shapes_data
 
 
 def write(tmp_path: Path, records, name="d.json") -> Path:
@@ -56,7 +57,7 @@ def test_invalid_json_names_line(tmp_path):
     path = write(tmp_path, '[{"id": 1,\n "conversations": oops}]')
     with pytest.raises(DataError, match=r"line 2 column 19: not valid JSON"):
         read_llava(path)
-    path = write(tmp_path, '{"conversations": []}\n{bad\n', name="d.jsonl")
+    path = write(tmp_path, json.dumps(rec()) + "\n{bad\n", name="d.jsonl")
     with pytest.raises(DataError, match=r"d.jsonl line 2: not valid JSON"):
         read_llava(path)
 
@@ -66,10 +67,12 @@ def test_missing_and_corrupt_images_name_the_sample(tmp_path, model):
     path = write(tmp_path, [rec(id="gone", image="missing.png"), rec(id="bad", image="corrupt.png")])
     samples = read_llava(path)
     proc = model.processor()
-    with pytest.raises(DataError, match=r"record 0 \(id 'gone'\): image file not found: .*missing.png"):
+    with pytest.raises(DataError, match=r"record 0 \(id 'gone'\): image file not found: .*missing.png") as e:
         proc(samples[0])
-    with pytest.raises(DataError, match=r"record 1 \(id 'bad'\): could not decode image .*corrupt.png"):
+    assert e.value.reason == "missing_file"
+    with pytest.raises(DataError, match=r"record 1 \(id 'bad'\): could not decode .*corrupt.png") as e:
         proc(samples[1])
+    assert e.value.reason == "undecodable_image"
 
 
 def test_too_long_after_image_expansion(tmp_path, model):
@@ -77,9 +80,11 @@ def test_too_long_after_image_expansion(tmp_path, model):
     proc = model.processor()
     proc.max_length = proc.tokens_per_image + 3
     with pytest.raises(
-        DataError, match=r"id 'long'.*after expanding 1 image\(s\) to 16 tokens each, over max_length"
-    ):
+        DataError,
+        match=r"id 'long'.*after expanding 1 image\(s\) \(1 tower input\(s\) x 16 tokens\), over max_length",
+    ) as e:
         proc(samples[0])
+    assert e.value.reason == "too_long"
 
 
 def test_sample_without_supervision_is_refused(tmp_path, model):
@@ -92,8 +97,9 @@ def test_sample_without_supervision_is_refused(tmp_path, model):
     samples = read_llava(write(tmp_path, [rec(id="silent")]))
     proc = model.processor()
     proc.chat_format = LearnsNothing()
-    with pytest.raises(DataError, match="id 'silent'.*no supervised token"):
+    with pytest.raises(DataError, match="id 'silent'.*no supervised token") as e:
         proc(samples[0])
+    assert e.value.reason == "no_supervision"
 
 
 def test_processor_expands_images_and_masks(shapes_root, model):
@@ -112,7 +118,7 @@ def test_processor_expands_images_and_masks(shapes_root, model):
 
 def test_collate_pads_right_and_left(batch, model, shapes_root):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    assert batch["images_per_sample"] == [1, 1, 1, 1, 0]
+    assert batch["images_per_row"] == [1, 1, 1, 1, 0]
     assert batch["pixel_values"].shape[0] == 4
     lengths = batch["attention_mask"].sum(1)
     for b, n in enumerate(lengths):
@@ -125,10 +131,9 @@ def test_collate_pads_right_and_left(batch, model, shapes_root):
 
 def test_datamodule_generates_once_and_loads(tmp_path, model):
     root = tmp_path / "sw"
-    dm = ConversationData(
-        str(root),
+    dm = shapes_data(
+        root,
         batch_size=3,
-        num_workers=0,
         generate_if_missing=ShapesWorld(image_size=32, num_train=6, num_val=3, num_test=3, min_object_px=4),
     )
     dm.prepare_data()
@@ -142,60 +147,4 @@ def test_datamodule_generates_once_and_loads(tmp_path, model):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 3
     with pytest.raises(ValueError, match="exceeds the language model's context"):
-        ConversationData(str(root), max_length=10**6).connect(model.processor())
-
-
-def test_shapesworld_is_deterministic_and_truthful(tmp_path):
-    gen = ShapesWorld(image_size=64, num_train=20, num_val=5, num_test=5)
-    gen.write(tmp_path / "a")
-    ShapesWorld(image_size=64, num_train=20, num_val=5, num_test=5).write(tmp_path / "b")
-    for name in ["train.json", "val.json", "captions_train.json", "images/train_000007.png"]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    with pytest.raises(FileExistsError):
-        gen.write(tmp_path / "a")
-    # every object in a scene is drawn in its colour at the centre of its box, in its cell
-    import random
-
-    rng = random.Random(3)
-    for _ in range(50):
-        things = gen.scene(rng)
-        image = gen.render(things)
-        assert len({t.cell for t in things}) == len(things)
-        for t in things:
-            x0, y0, x1, y1 = t.box
-            assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + (y1 - y0) // 4)) == COLOURS[t.colour]
-            assert x1 - x0 >= gen.min_object_px
-            half = gen.image_size // 2
-            assert CELLS[t.cell] == f"{'top' if y0 < half else 'bottom'} {'left' if x0 < half else 'right'}"
-        for kind in ("colour", "shape", "count", "position", "existence"):
-            q, a = gen.question(things, rng, kind)
-            if kind == "count" or q.startswith("How many"):
-                assert a == str(len(things))
-            if q.startswith("What color is the"):
-                shape = q.split()[4].rstrip("?")
-                assert a == next(t.colour for t in things if t.shape == shape)
-            if q.startswith("Is there"):
-                _, _, article, colour, shape = q.split()[:5]
-                assert article == ("an" if colour == "orange" else "a")
-                assert (a == "yes") == any((t.colour, t.shape) == (colour, shape.rstrip("?")) for t in things)
-
-
-def test_shapesworld_cli(tmp_path, capsys):
-    from lit_mllm.cli import run
-
-    run(
-        [
-            "data",
-            "shapesworld",
-            "--out",
-            str(tmp_path / "sw"),
-            "--generator.num_train",
-            "3",
-            "--generator.num_val",
-            "2",
-            "--generator.num_test",
-            "2",
-        ]
-    )
-    assert len(json.loads((tmp_path / "sw" / "train.json").read_text())) == 3
-    assert len(list((tmp_path / "sw" / "images").glob("*.png"))) == 7
+        shapes_data(root, max_length=10**6).connect(model.processor())

@@ -76,10 +76,13 @@ def base_args(path: Path, data_root: Path, out: Path, base: Path = QUICKSTART) -
         str(out),
     ]
     chat = model_args(path)["language_model"]["init_args"].get("chat_format") or {}
+    source = "shapesworld" if base == QUICKSTART else "llava_mix665k"  # the base config's training source
     if chat.get("class_path", "").endswith(".Plain"):  # single-round format: train on the caption files
-        args += ["--data.init_args.train", "captions_train.json", "--data.init_args.val", "captions_val.json"]
+        args += [f"--data.init_args.train.{source}.init_args.path", "captions_train.json"]
+        if base == QUICKSTART:
+            args += ["--data.init_args.val.shapesworld.init_args.path", "captions_val.json"]
     elif base != QUICKSTART:  # a real dataset's file names
-        args += ["--data.init_args.train", "train.json", "--data.init_args.val", "val.json"]
+        args += [f"--data.init_args.train.{source}.init_args.path", "train.json"]
     return args
 
 

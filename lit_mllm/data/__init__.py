@@ -1,18 +1,51 @@
-"""Data: sample type, LLaVA-format reader, processor (tokenize + expand image tokens), DataModule, ShapesWorld."""
+"""Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
+(tokenize + expand image tokens), collation and packing, the DataModule, and ShapesWorld."""
 
-from lit_mllm.data.datamodule import ConversationData, DatasetGenerator
-from lit_mllm.data.llava import read_llava
-from lit_mllm.data.processor import Processor, collate
+from lit_mllm.data.collate import collate, pack
+from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
+from lit_mllm.data.layouts import AnyRes, Catty, ImageLayout, Letterbox, MM1SubImages, Resize, ResizeCrop
+from lit_mllm.data.mixture import Mixture
+from lit_mllm.data.processor import Processor
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.shapesworld import ShapesWorld
+from lit_mllm.data.sources import (
+    Captions,
+    Conversations,
+    Grounding,
+    Interleaved,
+    Source,
+    TextOnly,
+    read_llava,
+)
+from lit_mllm.data.tasks import MiniGPTv2Tasks, PinkTasks, PlainTasks, QwenVLTasks, TaskTemplate
 
 __all__ = [
-    "ConversationData",
-    "DatasetGenerator",
-    "read_llava",
-    "Processor",
-    "collate",
+    "AnyRes",
+    "Captions",
+    "Catty",
+    "Conversations",
     "DataError",
+    "DatasetGenerator",
+    "Grounding",
+    "ImageLayout",
+    "Interleaved",
+    "Letterbox",
+    "MiniGPTv2Tasks",
+    "MM1SubImages",
+    "Mixture",
+    "MixtureData",
+    "PinkTasks",
+    "PlainTasks",
+    "Processor",
+    "QwenVLTasks",
+    "Resize",
+    "ResizeCrop",
     "Sample",
     "ShapesWorld",
+    "Source",
+    "TaskTemplate",
+    "TextOnly",
+    "collate",
+    "pack",
+    "read_llava",
 ]

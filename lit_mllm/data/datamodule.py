@@ -1,5 +1,25 @@
-"""DataModule over LLaVA-format conversation files (train / val / test / predict), optionally generating
-its data on first use (the quickstart makes ShapesWorld this way).
+"""The DataModule: named sources per split, mixed by weight for training, with a bad-sample policy.
+
+    data:
+      class_path: lit_mllm.data.MixtureData
+      init_args:
+        root: data/shapesworld
+        train:
+          instruct: {class_path: lit_mllm.data.Conversations, init_args: {path: train.json, weight: 45}}
+          captions: {class_path: lit_mllm.data.Captions, init_args: {path: captions_train, weight: 45}}
+          text: {class_path: lit_mllm.data.TextOnly, init_args: {path: text_train.jsonl, weight: 10}}
+        val:
+          instruct: {class_path: lit_mllm.data.Conversations, init_args: {path: val.json}}
+
+Training batches come from a :class:`~lit_mllm.data.mixture.Mixture` plan (deterministic in seed, epoch,
+rank; resumable mid-epoch: the training loader's position is saved in the checkpoint). Loader workers parse, tokenize, decode
+and collate whole batches (padded, or packed with ``pack_length``). Every batch carries its samples' sources;
+the module logs ``train/loss/<source>``, the realised ``data/ratio/<source>`` and ``data/skipped/<reason>``.
+
+Bad samples (missing or undecodable image, placeholder/image mismatch, no supervised token, too long after
+image expansion, malformed record): ``on_bad_sample: fail`` stops at the first, naming it; ``skip`` drops it
+from its batch (never replaced by another sample), counts it per reason, and stops the run once the bad
+fraction exceeds ``max_bad_fraction``. ``lit-mllm validate-data --config FILE`` scans everything beforehand.
 
 The model is connected at run time: ``connect(processor)`` hands over the tokenizer, chat format, image
 transform and image-token count, so nothing the model determines is written twice in YAML.
@@ -7,84 +27,203 @@ transform and image-token count, so nothing the model determines is written twic
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from lit_mllm.data.llava import read_llava
-from lit_mllm.data.processor import Processor, collate
-from lit_mllm.data.sample import Sample
+from lit_mllm.data.collate import collate
+from lit_mllm.data.mixture import Mixture
+from lit_mllm.data.processor import Processor
+from lit_mllm.data.sample import REASONS, DataError, Sample
+from lit_mllm.data.sources import Conversations, Source
+
+MIN_SEEN_FOR_FRACTION = 100
+"""The bad fraction is checked once this many training samples were seen (a first bad sample is not 100%)."""
 
 
 @runtime_checkable
 class DatasetGenerator(Protocol):
-    """Anything with ``write(root)`` that writes a dataset folder (LLaVA-format split files + images)."""
+    """Anything with ``write(root)`` that writes a dataset folder (the sources' files + images)."""
 
     def write(self, root: Path) -> None:
         """Write the dataset into ``root`` (which does not exist yet)."""
 
 
-class ConversationDataset(Dataset):
-    """Samples of one split; tokenization and image decoding happen in ``__getitem__`` (in workers)."""
+class _Loader:
+    """Parses and processes drawn records under the bad-sample policy; shared by training and eval datasets."""
 
-    def __init__(self, samples: list[Sample], processor: Processor, for_generation: bool = False) -> None:
-        self.samples = samples
-        self.processor = processor
-        self.for_generation = for_generation
+    def __init__(
+        self, sources: dict[str, Source], processor: Processor, policy: str, for_generation: bool
+    ) -> None:
+        self.sources, self.processor, self.policy, self.for_generation = (
+            sources,
+            processor,
+            policy,
+            for_generation,
+        )
+
+    def item(self, name: str, index: int) -> dict:
+        """A processed sample, or ``{"skipped": reason, "message": ...}`` under the skip policy."""
+        try:
+            sample = self.sources[name].sample(index, self.processor.image_token)
+            sample.source = name
+            return self.processor(sample, self.for_generation)
+        except DataError as e:
+            if self.policy == "fail":
+                raise DataError(
+                    f"[source {name!r}] {e}\n(data.on_bad_sample is 'fail'; 'skip' drops and counts such samples, "
+                    "`lit-mllm validate-data --config ...` lists them all)",
+                    e.reason,
+                ) from None
+            return {"skipped": e.reason, "message": f"[source {name!r}] {e}"}
+
+    def batch(self, items: list[dict], **collate_kwargs) -> dict:
+        good = [it for it in items if "skipped" not in it]
+        bad = [it for it in items if "skipped" in it]
+        batch = collate(good, **collate_kwargs) if good else {"ids": []}
+        batch["skipped"] = Counter(it["skipped"] for it in bad)
+        batch["skipped_messages"] = [it["message"] for it in bad]
+        batch["seen"] = len(items)
+        return batch
+
+
+class MixtureStream(IterableDataset):
+    """This rank's training batches of one epoch, built in the loader workers (worker ``w`` of ``W`` builds
+    batches ``w, w + W, ...``, which the DataLoader yields in order)."""
+
+    def __init__(
+        self, loader: _Loader, mixture: Mixture, rank: int, world_size: int, collate_kwargs: dict
+    ) -> None:
+        self.loader, self.mixture, self.collate_kwargs = loader, mixture, collate_kwargs
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.mixture.num_batches(self.world_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = self.mixture.batches(self.epoch, self.rank, self.world_size)
+        for k in range(self.start + worker, len(plan), workers):
+            batch = self.loader.batch([self.loader.item(n, i) for n, i in plan[k]], **self.collate_kwargs)
+            batch["position"] = (self.epoch, k)
+            yield batch
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches are collated in the workers; torch's default conversion would re-add Counter values."""
+    return batch
+
+
+class _EpochLoader(DataLoader):
+    """Sets the stream's epoch (and resume position) before each pass; Lightning does not do this for
+    iterable datasets. Resumable the way Lightning asks: its ``state_dict`` (the position of the last batch
+    trained on, tracked by the DataModule as batches reach the model) is saved in checkpoints."""
+
+    def __init__(self, stream: MixtureStream, datamodule: MixtureData, **kwargs) -> None:
+        super().__init__(stream, batch_size=None, collate_fn=_as_is, **kwargs)
+        self.datamodule = datamodule
+
+    def __iter__(self):
+        trainer = self.datamodule.trainer
+        self.dataset.epoch = trainer.current_epoch if trainer is not None else 0
+        resume = self.datamodule.resume_at
+        self.dataset.start = resume[1] if resume is not None and resume[0] == self.dataset.epoch else 0
+        self.datamodule.resume_at = None
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return self.datamodule.plan_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.datamodule.load_plan_state(state)
+
+
+class EvalDataset(Dataset):
+    """Every record of the split's sources once, in order (source by source)."""
+
+    def __init__(self, loader: _Loader) -> None:
+        self.loader = loader
+        self.index = [(n, i) for n, s in loader.sources.items() for i in range(len(s))]
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        return self.processor(self.samples[i], self.for_generation)
+        return self.loader.item(*self.index[i])
 
 
-class ConversationData(L.LightningDataModule):
-    """LLaVA-format conversations from a folder: ``train``/``val``/``test``/``predict`` files under ``root``."""
+class MixtureData(L.LightningDataModule):
+    """Named sources per split (``train`` mixed by weight; ``val``/``test``/``predict`` read once, in order)."""
 
     def __init__(
         self,
         root: str,
-        train: str | None = "train.json",
-        val: str | None = "val.json",
-        test: str | None = "test.json",
-        predict: str | None = None,
-        image_folder: str | None = None,
+        train: dict[str, Source] | None = None,
+        val: dict[str, Source] | None = None,
+        test: dict[str, Source] | None = None,
+        predict: dict[str, Source] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         max_length: int | None = None,
+        pack_length: int | None = None,
+        samples_per_epoch: int | None = None,
+        stratified: bool = False,
+        seed: int = 0,
+        on_bad_sample: Literal["fail", "skip"] = "fail",
+        max_bad_fraction: float = 0.01,
         generate_if_missing: DatasetGenerator | None = None,
     ) -> None:
         """
         Args:
-            root: Folder holding the split files (and, by default, the images).
-            train: Training file (``.json`` list or ``.jsonl``), relative to ``root``; None = no training split.
-            val: Validation file; None = no validation.
-            test: Test file; None = no test split.
-            predict: File whose last assistant turns are generated by ``predict``; default: the test file.
-            image_folder: Folder image paths are relative to; default ``root``.
-            batch_size: Samples per training batch.
+            root: Folder the sources' relative paths resolve against.
+            train: Training sources keyed by name, each with its mixture ``weight``.
+            val: Validation sources keyed by name (every record once); None = no validation.
+            test: Test sources keyed by name.
+            predict: Sources whose last assistant turns ``predict`` generates; default: the test sources.
+            batch_size: Samples per training batch (per rank).
             eval_batch_size: Samples per val/test/predict batch; default ``batch_size``.
-            num_workers: Loader worker processes (tokenization and image decoding run there).
-            max_length: Longest allowed sequence after image expansion; default the LLM's context length.
+            num_workers: Loader worker processes (parsing, tokenization, image decoding and collation run there).
+            max_length: Longest allowed sample after image expansion; default the LLM's context length.
+            pack_length: Pack each training batch's samples into rows of at most this many tokens (positions
+                restart per sample, attention never crosses samples); None pads each sample to the batch's longest.
+            samples_per_epoch: Samples drawn per epoch over all ranks; default the sum of the training sources' sizes.
+            stratified: Every training batch holds the mixture ratio (within one sample); default: i.i.d. draws.
+            seed: Seed of the mixture plan (with the epoch; the rank picks its share of the plan).
+            on_bad_sample: ``fail`` stops at the first bad sample naming it; ``skip`` drops and counts it by reason.
+            max_bad_fraction: Under ``skip``, stop once this fraction of training samples was bad (checked after
+                100 samples).
             generate_if_missing: A generator that writes the dataset into ``root`` when ``root`` does not exist.
         """
         super().__init__()
         self.root = Path(root)
-        self.files = {"fit": train, "validate": val, "test": test, "predict": predict or test}
-        self.image_folder = Path(image_folder) if image_folder else self.root
+        self.splits = {"fit": train or {}, "validate": val or {}, "test": test or {}}
+        self.splits["predict"] = predict if predict is not None else self.splits["test"]
+        for split, sources in self.splits.items():
+            for name in sources:
+                if not name or "/" in name:
+                    raise ValueError(f"{split} source name {name!r} must be non-empty and hold no '/'")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.max_length = max_length
+        self.num_workers, self.max_length, self.pack_length = num_workers, max_length, pack_length
+        self.samples_per_epoch, self.stratified, self.seed = samples_per_epoch, stratified, seed
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.on_bad_sample, self.max_bad_fraction = on_bad_sample, max_bad_fraction
         self.generator = generate_if_missing
         self.processor: Processor | None = None
-        self.splits: dict[str, list[Sample]] = {}
+        self.resume_at: tuple[int, int] | None = None
+        self.position: tuple[int, int] | None = None
+        self.counts: Counter = Counter()  # training samples seen / per source / skipped per reason
 
+    # -- wiring -----------------------------------------------------------------------------------------------
     def connect(self, processor: Processor) -> None:
         """Receive the model's processor; ``max_length`` here (if set) overrides the LLM's context length."""
         if self.max_length is not None:
@@ -94,63 +233,142 @@ class ConversationData(L.LightningDataModule):
                     f"{processor.max_length} tokens"
                 )
             processor.max_length = self.max_length
+        if self.pack_length is not None and processor.max_length is not None:
+            if self.pack_length > processor.max_length:
+                raise ValueError(
+                    f"data.pack_length={self.pack_length} exceeds the longest sequence the model takes "
+                    f"({processor.max_length}); lower pack_length"
+                )
         self.processor = processor
 
     def prepare_data(self) -> None:
         if self.generator is not None and not self.root.exists():
             self.generator.write(self.root)
 
-    def path(self, split: str) -> Path | None:
-        name = self.files[split]
-        return None if name is None else self.root / name
-
-    def samples(self, split: str) -> list[Sample]:
-        """Read (once) and check the records of a split: ``fit``, ``validate``, ``test`` or ``predict``."""
-        if split not in self.splits:
-            path = self.path(split)
-            token = self.processor.image_token if self.processor else "<image>"
-            self.splits[split] = [] if path is None else read_llava(path, self.image_folder, token)
+    def sources(self, split: str) -> dict[str, Source]:
+        """The split's sources (``fit``, ``validate``, ``test``, ``predict``), opened (indexed) once."""
+        for source in self.splits[split].values():
+            if source._size is None:
+                source.open(self.root)
         return self.splits[split]
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
             raise RuntimeError(
-                "ConversationData is not connected to a model: call data.connect(model.processor()) first "
+                "the DataModule is not connected to a model: call data.connect(model.processor()) first "
                 "(lit-mllm's CLI does this for you)"
             )
-        wanted = {
-            "fit": ["fit", "validate"],
-            "validate": ["validate"],
-            "test": ["test"],
-            "predict": ["predict"],
-        }
-        for split in wanted[stage]:
-            self.samples(split)
+        for split in {"fit": ["fit", "validate"]}.get(stage, [stage]):
+            self.sources(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generate = split == "predict"
-        dataset = ConversationDataset(self.samples(split), self.processor, for_generation=generate)
+    def samples(self, split: str) -> list[Sample]:
+        """Parsed samples of the split's conversation sources (for answer baselines); bad records are left out."""
+        token = self.processor.image_token if self.processor else "<image>"
+        out = []
+        for source in self.sources(split).values():
+            if isinstance(source, Conversations):
+                for i in range(len(source)):
+                    try:
+                        out.append(source.sample(i, token))
+                    except DataError:
+                        pass
+        return out
+
+    def mixture(self) -> Mixture:
+        sources = self.sources("fit")
+        if not sources:
+            raise ValueError("no training sources: set data.train")
+        return Mixture(
+            {n: len(s) for n, s in sources.items()},
+            {n: s.weight for n, s in sources.items()},
+            self.batch_size,
+            self.seed,
+            self.samples_per_epoch,
+            self.stratified,
+        )
+
+    # -- loaders ----------------------------------------------------------------------------------------------
+    def _loader_for(self, split: str) -> _Loader:
+        return _Loader(self.sources(split), self.processor, self.on_bad_sample, split == "predict")
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        collate_kwargs = {
+            "pad_token_id": self.processor.tokenizer.pad_token_id,
+            "pack_length": self.pack_length,
+        }
+        stream = MixtureStream(self._loader_for("fit"), self.mixture(), rank, world, collate_kwargs)
+        return _EpochLoader(stream, self, num_workers=self.num_workers)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        loader = self._loader_for(split)
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "fit" else self.eval_batch_size,
-            shuffle=shuffle,
+            EvalDataset(loader),
+            batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=partial(
-                collate,
+                loader.batch,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
-                padding_side="left" if generate else "right",
+                padding_side="left" if split == "predict" else "right",
             ),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("fit", shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validate", shuffle=False) if self.files["validate"] else []
+        return self._eval_loader("validate") if self.splits["validate"] else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+        return self._eval_loader("predict")
+
+    # -- bookkeeping: counts, bad fraction, resume position ---------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            self.position = batch.pop("position")
+            self.counts["seen"] += batch["seen"]
+            self.counts.update(f"source/{s}" for s in batch["sources"])
+            self.counts.update({f"skipped/{r}": n for r, n in batch["skipped"].items()})
+            bad = sum(self.counts[f"skipped/{r}"] for r in REASONS)
+            if (
+                self.counts["seen"] >= MIN_SEEN_FOR_FRACTION
+                and bad > self.max_bad_fraction * self.counts["seen"]
+            ):
+                table = ", ".join(
+                    f"{r}: {self.counts[f'skipped/{r}']}" for r in REASONS if self.counts[f"skipped/{r}"]
+                )
+                raise DataError(
+                    f"{bad} of {self.counts['seen']} training samples were bad ({table}), over "
+                    f"data.max_bad_fraction={self.max_bad_fraction}; latest: {batch['skipped_messages'][-1:]}. "
+                    "Run `lit-mllm validate-data --config ...` to list them"
+                )
+            good = sum(self.counts[f"source/{n}"] for n in self.splits["fit"])
+            batch["data_stats"] = {
+                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in self.splits["fit"]},
+                **{f"skipped/{r}": self.counts[f"skipped/{r}"] for r in REASONS},
+            }
+        for key in ("skipped", "skipped_messages", "seen", "position"):
+            batch.pop(key, None)
+        return batch
+
+    def plan_state(self) -> dict:
+        """Where training is in the plan (epoch, next batch) and the running counts."""
+        if self.position is None:
+            return {}
+        epoch, k = self.position
+        return {"epoch": epoch, "next_batch": k + 1, "counts": dict(self.counts), "seed": self.seed}
+
+    def load_plan_state(self, state: dict) -> None:
+        if not state:
+            return
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data plan used seed {state['seed']}, this run data.seed={self.seed}; resuming "
+                "would not continue the same sample order"
+            )
+        self.resume_at = (state["epoch"], state["next_batch"])
+        self.position = (state["epoch"], state["next_batch"] - 1)
+        self.counts = Counter(state["counts"])

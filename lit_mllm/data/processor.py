@@ -1,5 +1,6 @@
-"""Turns a :class:`Sample` into model inputs: tokenized conversation with each image placeholder expanded to
-the connector's ``T`` image tokens, labels on the supervised tokens, and preprocessed images.
+"""Turns a :class:`Sample` into model inputs: the tokenized conversation (or document) with each image placeholder
+expanded to its image tokens (``T`` per tower input: the image, or each of its tiles under a tiling layout),
+labels on the supervised tokens, and preprocessed images.
 
 The family module builds its processor (it knows the tokenizer, chat format, tower preprocessing and
 ``T``) and hands it to the DataModule through ``connect``; tokenization happens lazily in the loader
@@ -26,45 +27,69 @@ class Processor:
     image_token: str
     image_token_id: int
     tokens_per_image: int
+    """Image tokens per tower input (an image, or one tile of it under a tiling layout)."""
     max_length: int | None = None
 
-    def encode_text(self, sample: Sample, for_generation: bool = False) -> tuple[list[int], list[int]]:
-        """Token ids and labels with image placeholders expanded; checks placeholders, length and supervision."""
-        turns = sample.turns[:-1] if for_generation else sample.turns
-        ids, labels = encode_conversation(self.tokenizer, self.chat_format, turns, for_generation)
+    def _tokens(self, sample: Sample, for_generation: bool) -> tuple[list[int], list[int]]:
+        if sample.text is None:
+            turns = sample.turns[:-1] if for_generation else sample.turns
+            return encode_conversation(self.tokenizer, self.chat_format, turns, for_generation)
+        if for_generation:
+            raise sample.fail("a document has no reply to generate; predict on conversations")
+        tok = self.tokenizer
+        ids = tok((tok.bos_token or "") + sample.text + tok.eos_token, add_special_tokens=False)["input_ids"]
+        labels = [IGNORE_INDEX if t == self.image_token_id else t for t in ids]
+        if tok.bos_token is not None:
+            labels[0] = IGNORE_INDEX
+        return ids, labels
+
+    def encode_text(
+        self, sample: Sample, crops: list[int] | None = None, for_generation: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels with image placeholders expanded (image ``k`` to ``crops[k] * T`` tokens; one
+        crop per image by default); checks placeholders, length and supervision."""
+        crops = [1] * len(sample.images) if crops is None else crops
+        ids, labels = self._tokens(sample, for_generation)
         found = ids.count(self.image_token_id)
         if found != len(sample.images):
             raise sample.fail(
                 f"the tokenized text holds {found} image token(s) for {len(sample.images)} image(s); "
-                f"is {self.image_token!r} split by the tokenizer or used literally in the text?"
+                f"is {self.image_token!r} split by the tokenizer or used literally in the text?",
+                "image_mismatch",
             )
-        out_ids, out_labels = [], []
+        out_ids, out_labels, k = [], [], 0
         for tok, lab in zip(ids, labels):
             if tok == self.image_token_id:
-                out_ids += [tok] * self.tokens_per_image
-                out_labels += [IGNORE_INDEX] * self.tokens_per_image
+                n = crops[k] * self.tokens_per_image
+                out_ids += [tok] * n
+                out_labels += [IGNORE_INDEX] * n
+                k += 1
             else:
                 out_ids.append(tok)
                 out_labels.append(lab)
         if self.max_length is not None and len(out_ids) > self.max_length:
             raise sample.fail(
-                f"{len(out_ids)} tokens after expanding {len(sample.images)} image(s) to {self.tokens_per_image} "
-                f"tokens each, over max_length={self.max_length}; raise data.max_length (within the LLM's "
-                "context) or shorten the record"
+                f"{len(out_ids)} tokens after expanding {len(sample.images)} image(s) ({sum(crops)} tower "
+                f"input(s) x {self.tokens_per_image} tokens), over max_length={self.max_length}; raise "
+                "data.max_length (within the LLM's context) or shorten the record",
+                "too_long",
             )
         if not for_generation and all(lab == IGNORE_INDEX for lab in out_labels):
-            raise sample.fail("no supervised token: every assistant reply is empty")
+            raise sample.fail("no supervised token: every assistant reply is empty", "no_supervision")
         return out_ids, out_labels
 
     def __call__(self, sample: Sample, for_generation: bool = False) -> dict:
-        ids, labels = self.encode_text(sample, for_generation)
-        pixels = [self.image_transform(load_image(p, sample)) for p in sample.images]
+        images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
+        crops = [self.image_transform.num_crops(*im.size) for im in images]
+        ids, labels = self.encode_text(sample, crops, for_generation)
+        pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]
         item = {
             "id": sample.id,
+            "source": sample.source,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": torch.stack(pixels) if pixels else None,  # [k, 3, S, S]
-            "num_images": len(pixels),
+            "pixel_values": torch.cat(pixels) if pixels else None,  # [sum(crops), 3, S, S]
+            "num_images": sum(crops),
         }
         if for_generation:
             item["reference"] = sample.turns[-1].text if sample.turns[-1].role == "assistant" else None
@@ -72,36 +97,3 @@ class Processor:
                 sample.turns[-2].text if sample.turns[-1].role == "assistant" else sample.turns[-1].text
             )
         return item
-
-
-def collate(items: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Pad a list of processed samples into a batch.
-
-    Returns ``input_ids``/``labels``/``attention_mask`` ``[B, L]``, ``pixel_values`` ``[I, 3, S, S]`` (all images
-    of the batch, sample order) or None, ``images_per_sample`` and ``ids``; generation batches also carry
-    ``reference``/``prompt`` lists. Use ``padding_side="left"`` for generation.
-    """
-    length = max(len(it["input_ids"]) for it in items)
-    batch = len(items)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
-        input_ids[b, sl] = it["input_ids"]
-        labels[b, sl] = it["labels"]
-        attention_mask[b, sl] = 1
-    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-    out = {
-        "ids": [it["id"] for it in items],
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "images_per_sample": [it["num_images"] for it in items],
-    }
-    for key in ("reference", "prompt"):
-        if key in items[0]:
-            out[key] = [it[key] for it in items]
-    return out

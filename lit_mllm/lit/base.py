@@ -107,17 +107,55 @@ class VLMModule(L.LightningModule):
             self.logger.log_hyperparams(self.describe())
 
     # -- steps ------------------------------------------------------------------------------------------------
+    def supervised_logits(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits [S, V], targets [S], sample index [S])`` at the ``S`` positions whose next token is learned.
+
+        This default slices full logits; a family computes the vocabulary projection at those positions only."""
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, L-1]
+        return self(batch)[:, :-1][mask], batch["labels"][:, 1:][mask], batch["sample_index"][:, 1:][mask]
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss = lm_loss(self(batch), batch["labels"], batch["ids"])
+        logits, target, which = self.supervised_logits(batch)
+        if target.numel() == 0:
+            raise NoSupervisedTokens(
+                f"batch of samples {batch['ids']} has no supervised token (every label is -100); check the chat "
+                "format and that each sample ends with a non-empty assistant reply"
+            )
+        losses = F.cross_entropy(logits.float(), target, reduction="none")  # [S]
+        loss = losses.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step} on samples {batch['ids']}; lower the "
                 "learning rate, check these samples, or use bf16-mixed instead of fp16"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]))
+        n = len(batch["ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self._log_sources(batch, losses.detach(), which)
         return loss
 
+    def _log_sources(self, batch: dict, losses: Tensor, which: Tensor) -> None:
+        """``train/loss/<source>`` (mean over the source's supervised tokens in the batch) and the DataModule's
+        ``data/...`` figures (realised ratio per source, skipped samples per reason)."""
+        for key, value in batch.get("data_stats", {}).items():
+            self.log(f"data/{key}", float(value), batch_size=len(batch["ids"]))
+        names = sorted(set(batch["sources"]))
+        if len(names) < 2 and not batch.get("data_stats"):
+            return
+        of_sample = torch.tensor([names.index(s) for s in batch["sources"]], device=losses.device)
+        of_token = of_sample[which]
+        sums = torch.zeros(len(names), device=losses.device).index_add_(0, of_token, losses.float())
+        counts = torch.bincount(of_token, minlength=len(names))
+        for k, name in enumerate(names):
+            if name:
+                self.log(
+                    f"train/loss/{name}",
+                    sums[k] / counts[k].clamp(min=1),
+                    batch_size=batch["sources"].count(name),
+                )
+
     def _eval_step(self, batch: dict, split: str) -> None:
+        if not batch["ids"]:  # every sample of the batch was bad and skipped
+            return
         logits = self(batch)
         loss = lm_loss(logits, batch["labels"], batch["ids"])
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

@@ -21,19 +21,19 @@ def splice_image_features(
     input_ids: Tensor,
     image_token_id: int,
     image_embeds: Tensor | None,
-    images_per_sample: Sequence[int],
+    images_per_row: Sequence[int],
     sample_ids: Sequence[str] | None = None,
 ) -> Tensor:
     """Write image embeddings into the text embeddings at the image-token positions.
 
     Args:
-        text_embeds: ``[B, L, D]`` token embeddings.
+        text_embeds: ``[B, L, D]`` token embeddings (a row is a sample, or several packed samples).
         input_ids: ``[B, L]`` token ids; ``image_token_id`` marks image positions.
         image_token_id: Id of the image placeholder token.
-        image_embeds: ``[I, T, D]`` connector outputs for all images of the batch, samples in order
-            (``I = sum(images_per_sample)``), or None when the batch has no image.
-        images_per_sample: Number of images of each sample.
-        sample_ids: Names of the samples, for error messages.
+        image_embeds: ``[I, T, D]`` connector outputs for all tower inputs (images or tiles) of the batch, in
+            reading order (``I = sum(images_per_row)``), or None when the batch has no image.
+        images_per_row: Number of tower inputs in each row.
+        sample_ids: Names of the rows' samples, for error messages.
 
     Returns:
         ``[B, L, D]`` embeddings; text positions unchanged.
@@ -42,11 +42,11 @@ def splice_image_features(
     tokens_per_sample = is_image.sum(dim=1).tolist()
     per_image = 0 if image_embeds is None else image_embeds.shape[1]
     num_images = 0 if image_embeds is None else image_embeds.shape[0]
-    if sum(images_per_sample) != num_images:
+    if sum(images_per_row) != num_images:
         raise ImageTokenMismatch(
-            f"the batch lists {sum(images_per_sample)} images but {num_images} image feature sets were given"
+            f"the batch lists {sum(images_per_row)} images but {num_images} image feature sets were given"
         )
-    for b, (tokens, images) in enumerate(zip(tokens_per_sample, images_per_sample)):
+    for b, (tokens, images) in enumerate(zip(tokens_per_sample, images_per_row)):
         if tokens != images * per_image:
             name = sample_ids[b] if sample_ids is not None else f"#{b} of the batch"
             raise ImageTokenMismatch(

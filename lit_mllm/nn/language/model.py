@@ -72,15 +72,46 @@ class LanguageModel(nn.Module):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.hidden_size = model.config.hidden_size
+        for knob in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            if getattr(model.config, knob, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"{type(model).__name__} post-processes its logits ({knob}); LanguageModel.head projects hidden "
+                    "states directly and does not support it yet"
+                )
         self.max_length = getattr(model.config, "max_position_embeddings", None)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """``[B, L] -> [B, L, D]`` token embeddings."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """``[B, L, D] -> [B, L, V]`` logits."""
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+    def forward(
+        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """``[B, L, D] -> [B, L, V]`` logits. Packed rows pass ``position_ids`` (restarting at 0 per sample) and no
+        attention mask: the model then masks attention block-diagonally."""
+        return self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).logits
+
+    def hidden_states(
+        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """``[B, L, D] -> [B, L, D]`` final hidden states (after the last norm), before the vocabulary projection."""
+        decoder = self.model.get_decoder()
+        out = decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """``[..., D] -> [..., V]`` logits from hidden states."""
+        return self.model.get_output_embeddings()(hidden)
 
     @torch.no_grad()
     def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:

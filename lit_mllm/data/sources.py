@@ -1,0 +1,441 @@
+"""Sources: the formats people have, each read into the canonical :class:`~lit_mllm.data.Sample`.
+
+A source is an indexable collection of records with a mixture ``weight``; the DataModule mixes sources keyed
+by name (``data.train: {captions: ..., instruct: ...}``). Reading a source builds only an index (lines of a
+JSONL file, member offsets of tar shards); a record is parsed when it is drawn, in a loader worker, so a bad
+record is one counted problem (:class:`DataError` with a reason) rather than a crash at start-up.
+
+| source | format |
+|---|---|
+| :class:`Conversations` | LLaVA JSON / JSONL conversations (multi-turn, ``<image>`` anywhere, several images) |
+| :class:`Captions` | image-caption pairs: img2dataset webdataset shards (``000000123.jpg`` + ``.txt`` + ``.json``), JSONL or CSV manifests |
+| :class:`Interleaved` | OBELICS-style documents (parallel ``texts`` / ``images`` lists with nulls) or MMC4 (``text_list`` + ``image_info``) |
+| :class:`TextOnly` | JSONL ``{"text": ...}`` documents |
+| :class:`Grounding` | RefCOCO-style records: an image and objects with pixel boxes, rendered by a task template |
+
+Relative paths resolve against the DataModule's ``root``; image paths in records resolve against the source's
+``image_folder`` (default: the folder of the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import tarfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+from lit_mllm.data.sample import DataError, Sample
+from lit_mllm.data.tasks import Box, Task, TaskTemplate
+from lit_mllm.nn.language.chat import Turn, check_turns
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class Source(ABC):
+    """Base of the sources: an index built by :meth:`open`, and :meth:`sample` to parse one record."""
+
+    def __init__(self, path: str, weight: float = 1.0, image_folder: str | None = None) -> None:
+        """
+        Args:
+            path: File (or shard folder / glob) relative to the DataModule's root, or absolute.
+            weight: Share of this source in a training mixture (weights are normalised over the sources).
+            image_folder: Folder that image paths in records are relative to; default: the file's folder.
+        """
+        if not weight >= 0:
+            raise ValueError(f"a source weight must be >= 0, got {weight}")
+        self.path, self.weight, self.image_folder = path, float(weight), image_folder
+        self.root = Path(".")
+        self._size: int | None = None
+
+    def open(self, root: Path) -> Source:
+        """Resolve paths against ``root`` and build the index (cheap: no record is parsed)."""
+        self.root = Path(root)
+        self._size = self._index()
+        return self
+
+    @property
+    def file(self) -> Path:
+        return self.root / self.path
+
+    @property
+    def folder(self) -> Path:
+        if self.image_folder is not None:
+            return self.root / self.image_folder
+        return self.file if self.file.is_dir() else self.file.parent
+
+    def __len__(self) -> int:
+        if self._size is None:
+            raise RuntimeError(f"{type(self).__name__}({self.path!r}) is not open: call open(root) first")
+        return self._size
+
+    @abstractmethod
+    def _index(self) -> int:
+        """Build the index; return the number of records."""
+
+    @abstractmethod
+    def sample(self, i: int, image_token: str) -> Sample:
+        """Parse record ``i``; raise :class:`DataError` (with its reason) when it cannot be used."""
+
+
+class _JsonRecords(Source):
+    """Records of a ``.jsonl`` file (one per line, parsed lazily) or a ``.json`` list."""
+
+    def _index(self) -> int:
+        path = self.file
+        if not path.is_file():
+            raise DataError(
+                f"{path}: no such file (source path {self.path!r}, root {self.root})", "missing_file"
+            )
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            self._lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            self._records = None
+            return len(self._lines)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        self._records = records
+        return len(records)
+
+    def record(self, i: int) -> tuple[dict, str]:
+        """Record ``i`` as a dict and where it is (for messages)."""
+        if self._records is not None:
+            record, where = self._records[i], f"{self.file} record {i}"
+        else:
+            n, line = self._lines[i]
+            where = f"{self.file} line {n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        return record, where
+
+    def image_path(self, p: str) -> str:
+        return str(self.folder / p)
+
+
+class Conversations(_JsonRecords):
+    """LLaVA-format conversations (LLaVA-Pretrain-558K, LLaVA-Instruct-665K), ``.json`` list or ``.jsonl``::
+
+        {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+         "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                           {"from": "gpt", "value": "The bus is white and red."}]}
+
+    ``image`` may be a list (several images, one ``<image>`` each, anywhere in the text) or absent (text only).
+    Roles ``human``/``user``, ``gpt``/``assistant`` and ``system`` are accepted.
+    """
+
+    def sample(self, i: int, image_token: str) -> Sample:
+        record, where = self.record(i)
+        sample_id = str(record.get("id", f"{self.file.name}#{i}"))
+        convs = record.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise DataError(f"{where} (id {sample_id!r}): missing or empty 'conversations' list")
+        turns = []
+        for k, msg in enumerate(convs):
+            if (
+                not isinstance(msg, dict)
+                or not isinstance(msg.get("value"), str)
+                or msg.get("from") not in ROLES
+            ):
+                raise DataError(
+                    f"{where} (id {sample_id!r}): conversations[{k}] must be {{'from': one of {sorted(ROLES)}, "
+                    f"'value': str}}, got {msg!r}"[:400]
+                )
+            turns.append(Turn(ROLES[msg["from"]], msg["value"]))
+        images = record.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise DataError(f"{where} (id {sample_id!r}): 'image' must be a path or a list of paths")
+        sample = Sample(sample_id, turns, [self.image_path(p) for p in images], where)
+        try:
+            check_turns(turns)
+        except ValueError as e:
+            raise sample.fail(str(e)) from None
+        placeholders = sum(t.text.count(image_token) for t in turns)
+        if placeholders != len(images):
+            raise sample.fail(
+                f"{placeholders} {image_token} placeholder(s) in the text but {len(images)} image(s) listed; "
+                f"each image needs exactly one {image_token} where it belongs in the text",
+                "image_mismatch",
+            )
+        return sample
+
+
+def _caption_turns(
+    caption: str, image_token: str, template: TaskTemplate | None, rng: random.Random, size: tuple[int, int]
+) -> list[Turn]:
+    if template is None:  # LLaVA-Pretrain style: the image, then the caption to learn
+        return [Turn("user", image_token), Turn("assistant", caption)]
+    return template.render("caption", {"caption": caption}, image_token, *size, rng)
+
+
+class Captions(Source):
+    """Image-caption pairs from img2dataset webdataset shards (a folder of ``.tar``, a glob, or one ``.tar``:
+    members ``{key}.jpg`` + ``{key}.txt`` [+ ``{key}.json``]), or a manifest (``.jsonl`` lines
+    ``{"image": path, "caption": text}``, or ``.csv`` with those columns)."""
+
+    def __init__(
+        self,
+        path: str,
+        weight: float = 1.0,
+        image_folder: str | None = None,
+        template: TaskTemplate | None = None,
+        image_column: str = "image",
+        caption_column: str = "caption",
+    ) -> None:
+        """
+        Args:
+            path: Shard folder, shard glob (``captions/*.tar``), one ``.tar``, or a ``.jsonl`` / ``.csv`` manifest.
+            weight: Share of this source in a training mixture.
+            image_folder: Folder manifest image paths are relative to; default: the manifest's folder.
+            template: Task template giving the caption instruction; None: the bare image, then the caption
+                (LLaVA pretraining with the ``Plain`` chat format).
+            image_column: Manifest field holding the image path.
+            caption_column: Manifest field holding the caption.
+        """
+        super().__init__(path, weight, image_folder)
+        self.template, self.image_column, self.caption_column = template, image_column, caption_column
+
+    def _shards(self) -> list[Path]:
+        if any(c in self.path for c in "*?["):
+            return sorted(self.root.glob(self.path))
+        return sorted(self.file.glob("*.tar")) if self.file.is_dir() else [self.file]
+
+    def _index(self) -> int:
+        suffix = self.file.suffix
+        if suffix in (".jsonl", ".csv"):
+            if not self.file.is_file():
+                raise DataError(f"{self.file}: no such file", "missing_file")
+            if suffix == ".jsonl":
+                lines = self.file.read_text(encoding="utf-8").splitlines()
+                self._rows = [
+                    (f"{self.file} line {n}", line) for n, line in enumerate(lines, 1) if line.strip()
+                ]
+            else:
+                with open(self.file, newline="", encoding="utf-8") as f:
+                    self._rows = [(f"{self.file} row {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
+            return len(self._rows)
+        shards = self._shards()
+        if not shards:
+            raise DataError(f"no .tar shards at {self.file}", "missing_file")
+        self._shard_paths, self._members = [str(s) for s in shards], []
+        for s, shard in enumerate(shards):
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    for m in tar:
+                        folder, _, base = m.name.rpartition("/")
+                        if (
+                            m.isfile() and "." in base
+                        ):  # webdataset: key = path up to the basename's first dot
+                            stem, ext = base.split(".", 1)
+                            key = f"{folder}/{stem}" if folder else stem
+                            groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(f"{shard}: not a readable tar shard ({e})") from None
+            self._members += [(s, key, exts) for key, exts in groups.items()]
+        self._rows = None
+        return len(self._members)
+
+    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
+        with open(self._shard_paths[shard], "rb") as f:
+            f.seek(span[0])
+            return f.read(span[1])
+
+    def sample(self, i: int, image_token: str) -> Sample:
+        rng = random.Random(f"{self.path}:{i}")
+        if self._rows is not None:
+            where, row = self._rows[i]
+            if isinstance(row, str):
+                try:
+                    row = json.loads(row)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            image, caption = row.get(self.image_column), row.get(self.caption_column)
+            sample_id = str(row.get("id") or image or where)
+            if not isinstance(image, str) or not image or not isinstance(caption, str):
+                raise DataError(
+                    f"{where}: needs string fields {self.image_column!r} and {self.caption_column!r}, got {row!r}"[
+                        :400
+                    ]
+                )
+            turns = _caption_turns(caption, image_token, self.template, rng, (1, 1))
+            return Sample(sample_id, turns, [str(self.folder / image)], where)
+        shard, key, exts = self._members[i]
+        where = f"{self._shard_paths[shard]} key {key}"
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in exts), None)
+        if image_ext is None or "txt" not in exts:
+            raise DataError(
+                f"{where} (id {key!r}): a sample needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a .txt member, "
+                f"found {sorted(exts)}",
+                "missing_file",
+            )
+        caption = self._read(shard, exts["txt"]).decode("utf-8").strip()
+        turns = _caption_turns(caption, image_token, self.template, rng, (1, 1))
+        return Sample(key, turns, [self._read(shard, exts[image_ext])], where)
+
+
+class Interleaved(_JsonRecords):
+    """Interleaved image-text documents, one JSON object per line: OBELICS style ``{"texts": [str|null, ...],
+    "images": [path|null, ...]}`` (parallel lists, one non-null per position) or MMC4 style ``{"text_list":
+    [...], "image_info": [{"image_name": path, "matched_text_index": k}, ...]}`` (image before text ``k``).
+
+    Rendered as a document (every text token learned): ``plain`` puts each image's placeholder where it
+    stands; ``mmicl`` names images as MMICL does (``Image 1: <image>``) so the text can refer to them.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        weight: float = 1.0,
+        image_folder: str | None = None,
+        style: Literal["plain", "mmicl"] = "plain",
+        separator: str = "\n",
+    ) -> None:
+        """
+        Args:
+            path: ``.jsonl`` file of documents.
+            weight: Share of this source in a training mixture.
+            image_folder: Folder image paths are relative to; default: the file's folder.
+            style: ``plain`` (placeholder in place) or ``mmicl`` (``Image k: <image>``).
+            separator: Text between consecutive parts of a document.
+        """
+        super().__init__(path, weight, image_folder)
+        self.style, self.separator = style, separator
+
+    def parts(self, record: dict, where: str) -> list[tuple[str, str]]:
+        """The document as ``("text", str)`` / ``("image", path)`` parts in reading order."""
+        if "texts" in record or "images" in record:
+            texts, images = record.get("texts"), record.get("images")
+            if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+                raise DataError(f"{where}: 'texts' and 'images' must be lists of the same length")
+            parts = []
+            for k, (t, im) in enumerate(zip(texts, images)):
+                if (t is None) == (im is None) or not isinstance(t if im is None else im, str):
+                    raise DataError(f"{where}: position {k} must hold exactly one of a text or an image path")
+                parts.append(("text", t) if im is None else ("image", im))
+            return parts
+        texts, infos = record.get("text_list"), record.get("image_info", [])
+        if not isinstance(texts, list) or not isinstance(infos, list):
+            raise DataError(
+                f"{where}: expected OBELICS ('texts', 'images') or MMC4 ('text_list', 'image_info') keys"
+            )
+        before: dict[int, list[str]] = {}
+        for info in infos:
+            k = info.get("matched_text_index") if isinstance(info, dict) else None
+            if (
+                not isinstance(k, int)
+                or not 0 <= k < len(texts)
+                or not isinstance(info.get("image_name"), str)
+            ):
+                raise DataError(f"{where}: bad image_info entry {info!r}"[:300])
+            before.setdefault(k, []).append(info["image_name"])
+        return [
+            p for k, t in enumerate(texts) for p in [("image", i) for i in before.get(k, [])] + [("text", t)]
+        ]
+
+    def sample(self, i: int, image_token: str) -> Sample:
+        record, where = self.record(i)
+        sample_id = str(record.get("id", f"{self.file.name}#{i}"))
+        pieces, images = [], []
+        for kind, value in self.parts(record, f"{where} (id {sample_id!r})"):
+            if kind == "image":
+                images.append(self.image_path(value))
+                pieces.append(image_token if self.style == "plain" else f"Image {len(images)}: {image_token}")
+            elif image_token in value:
+                raise DataError(
+                    f"{where} (id {sample_id!r}): text holds a literal {image_token}", "image_mismatch"
+                )
+            else:
+                pieces.append(value)
+        if not any(kind == "text" and v.strip() for kind, v in self.parts(record, where)):
+            raise DataError(f"{where} (id {sample_id!r}): document has no text to learn", "no_supervision")
+        return Sample(sample_id, images=images, where=where, text=self.separator.join(pieces))
+
+
+class TextOnly(_JsonRecords):
+    """Text-only documents, ``.jsonl`` lines ``{"text": ...}`` (optional ``id``); every token is learned."""
+
+    def sample(self, i: int, image_token: str) -> Sample:
+        record, where = self.record(i)
+        sample_id = str(record.get("id", f"{self.file.name}#{i}"))
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where} (id {sample_id!r}): needs a non-empty string 'text'", "no_supervision")
+        if image_token in text:
+            raise DataError(
+                f"{where} (id {sample_id!r}): text-only record holds {image_token}", "image_mismatch"
+            )
+        return Sample(sample_id, where=where, text=text)
+
+
+class Grounding(_JsonRecords):
+    """RefCOCO-style grounding records, ``.jsonl`` lines ``{"id", "image", "width", "height", "objects":
+    [{"phrase": "the small red circle", "box": [x1, y1, x2, y2]}, ...]}`` with pixel boxes.
+
+    Each draw renders one task (chosen per record, deterministically) with the task template's instruction and
+    box format: ``refer`` (phrase -> box), ``identify`` (box -> phrase), ``detection`` (all objects with boxes).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        template: TaskTemplate,
+        weight: float = 1.0,
+        image_folder: str | None = None,
+        tasks: list[Task] | None = None,
+    ) -> None:
+        """
+        Args:
+            path: ``.jsonl`` file of grounding records.
+            template: Task template: instructions and box format (MiniGPT-v2, Qwen-VL, Pink, plain).
+            weight: Share of this source in a training mixture.
+            image_folder: Folder image paths are relative to; default: the file's folder.
+            tasks: Tasks to render, one per draw (default ``[refer, identify]``).
+        """
+        super().__init__(path, weight, image_folder)
+        self.template, self.tasks = template, list(tasks or ["refer", "identify"])
+
+    def sample(self, i: int, image_token: str) -> Sample:
+        record, where = self.record(i)
+        sample_id = str(record.get("id", f"{self.file.name}#{i}"))
+        w, h, image, objects = (record.get(k) for k in ("width", "height", "image", "objects"))
+        if not (
+            isinstance(w, int) and isinstance(h, int) and isinstance(image, str) and isinstance(objects, list)
+        ):
+            raise DataError(
+                f"{where} (id {sample_id!r}): needs int 'width'/'height', 'image' and an 'objects' list"
+            )
+        parsed = []
+        for obj in objects:
+            try:
+                parsed.append((str(obj["phrase"]), Box(*map(float, obj["box"])).check(w, h)))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{where} (id {sample_id!r}): bad object {obj!r}: {e}"[:400]) from None
+        if not parsed:
+            raise DataError(f"{where} (id {sample_id!r}): no objects", "no_supervision")
+        rng = random.Random(f"{self.path}:{i}")
+        task = self.tasks[rng.randrange(len(self.tasks))]
+        phrase, box = parsed[rng.randrange(len(parsed))]
+        fields = {"phrase": phrase, "box": box, "objects": parsed, "caption": record.get("caption")}
+        turns = self.template.render(task, fields, image_token, w, h, rng)
+        return Sample(f"{sample_id}/{task}", turns, [self.image_path(image)], where)
+
+
+def read_llava(
+    path: str | Path, image_folder: str | None = None, image_token: str = "<image>"
+) -> list[Sample]:
+    """Every record of a LLaVA-format file as samples, raising :class:`DataError` at the first bad one."""
+    path = Path(path)
+    source = Conversations(path.name, image_folder=image_folder).open(path.parent)
+    return [source.sample(i, image_token) for i in range(len(source))]
