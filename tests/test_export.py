@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from lit_mllm.data import Sample, collate, read_llava
+from lit_mllm.data.images import normalize
 from lit_mllm.data.layouts import AnyRes, Letterbox, Resize, ResizeCrop
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.nn.connectors import AvgPoolConnector, LinearConnector, MLPConnector
@@ -69,7 +70,7 @@ def assert_same_logits(model, llava, batch) -> None:
         ours = model(batch)
         theirs = llava(
             input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
+            pixel_values=normalize(batch["pixel_values"], model.vision_tower.mean, model.vision_tower.std),
             attention_mask=batch["attention_mask"],
         ).logits
     mask = batch["attention_mask"].bool()
@@ -155,7 +156,8 @@ def test_processor_folder_prepares_inputs_as_we_do(tmp_path, shapes_root, layout
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     theirs = processor(images=Image.open(tmp_path / "image.png"), text=text, return_tensors="pt")
     assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
-    torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"], rtol=0, atol=1e-6)
+    pixels = normalize(ours["pixel_values"], model.vision_tower.mean, model.vision_tower.std)
+    torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-6)
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     assert_same_logits(model, llava, ours)
 

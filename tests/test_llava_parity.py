@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from lit_mllm.data import collate, read_llava
+from lit_mllm.data.images import normalize
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.lit.base import lm_loss
 from lit_mllm.nn.connectors import MLPConnector
@@ -70,7 +71,7 @@ def test_logits_and_loss_match_transformers_llava(tmp_path, shapes_root):
     with torch.no_grad():
         expected = ref(
             input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
+            pixel_values=normalize(batch["pixel_values"], ours.vision_tower.mean, ours.vision_tower.std),
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
         )

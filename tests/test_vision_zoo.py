@@ -254,11 +254,11 @@ def test_fused_matches_each_tower_with_its_own_transform(siglip_tower):
     import numpy as np
     from PIL import Image
 
-    from lit_mllm.data.images import ImageTransform
+    from lit_mllm.data.images import ImageTransform, normalize
 
     clip = tiny_clip()
     fused = FusedTowers([clip, siglip_tower]).eval()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    own = [ImageTransform(t.image_size, t.mean, t.std)(image) for t in (clip, siglip_tower)]  # [1, 3, S, S]
-    pixels = ImageTransform(fused.image_size, fused.mean, fused.std)(image)
+    own = [normalize(ImageTransform(t.image_size)(image), t.mean, t.std) for t in (clip, siglip_tower)]
+    pixels = normalize(ImageTransform(fused.image_size)(image), fused.mean, fused.std)  # [1, 3, S, S]
     torch.testing.assert_close(fused(pixels), torch.cat([clip(own[0]), siglip_tower(own[1])], -1))

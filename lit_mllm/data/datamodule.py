@@ -246,11 +246,13 @@ class MixtureData(L.LightningDataModule):
             self.generator.write(self.root)
 
     def sources(self, split: str) -> dict[str, Source]:
-        """The split's sources (``fit``, ``validate``, ``test``, ``predict``), opened (indexed) once."""
-        for source in self.splits[split].values():
+        """The split's sources (``fit``, ``validate``, ``test``, ``predict``), opened (indexed) once; a training
+        source of weight 0 is switched off (not opened)."""
+        active = {n: s for n, s in self.splits[split].items() if split != "fit" or s.weight > 0}
+        for source in active.values():
             if source._size is None:
                 source.open(self.root)
-        return self.splits[split]
+        return active
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
@@ -345,9 +347,9 @@ class MixtureData(L.LightningDataModule):
                     f"data.max_bad_fraction={self.max_bad_fraction}; latest: {batch['skipped_messages'][-1:]}. "
                     "Run `lit-mllm validate-data --config ...` to list them"
                 )
-            good = sum(self.counts[f"source/{n}"] for n in self.splits["fit"])
+            good = sum(self.counts[f"source/{n}"] for n in self.sources("fit"))
             batch["data_stats"] = {
-                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in self.splits["fit"]},
+                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in self.sources("fit")},
                 **{f"skipped/{r}": self.counts[f"skipped/{r}"] for r in REASONS},
             }
         for key in ("skipped", "skipped_messages", "seen", "position"):

@@ -1,9 +1,10 @@
-"""Image loading and the tower's preprocessing: the model's image layout (one resized image, or tiles) and
-normalisation with the tower's mean/std."""
+"""Image loading and the tower's preprocessing: the model's image layout (one resized image, or tiles) in the
+loader, normalisation with the tower's mean/std in the model."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +30,12 @@ def load_image(ref: ImageRef, sample: Sample, k: int = 0) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Cut an image into the layout's ``size x size`` crops, scale to [0, 1] and normalise: ``[k, 3, S, S]``."""
+    """Cut an image into the layout's ``size x size`` crops: ``[k, 3, S, S]`` uint8.
+
+    Normalisation (:func:`normalize`) happens in the model, on its device: uint8 batches are a quarter of the
+    bytes to pass from loader workers and to copy to the accelerator."""
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     layout: ImageLayout = field(default_factory=Resize)
 
     def num_crops(self, width: int, height: int) -> int:
@@ -41,8 +43,12 @@ class ImageTransform:
         return self.layout.num_crops(width, height, self.size)
 
     def __call__(self, image: Image.Image) -> Tensor:
-        crops = np.stack([np.asarray(c, dtype=np.float32) for c in self.layout.crops(image, self.size)])
-        x = torch.from_numpy(crops / 255.0).permute(0, 3, 1, 2)  # [k, 3, S, S]
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        crops = np.stack([np.asarray(c, dtype=np.uint8) for c in self.layout.crops(image, self.size)])
+        return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # [k, 3, S, S]
+
+
+def normalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``[..., 3, S, S]`` -> float32 scaled to [0, 1] and normalised with the tower's mean/std."""
+    scale = 1.0 / (255.0 * torch.tensor(std, device=pixels.device))
+    shift = -torch.tensor(mean, device=pixels.device) / torch.tensor(std, device=pixels.device)
+    return pixels.float() * scale.view(3, 1, 1) + shift.view(3, 1, 1)

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_mllm.data.images import ImageTransform
+from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
 from lit_mllm.lit.base import VLMModule
@@ -103,7 +103,7 @@ class PrefixFusionVLM(VLMModule):
         return Processor(
             tokenizer=lm.tokenizer,
             chat_format=lm.chat_format,
-            image_transform=ImageTransform(tower.image_size, tower.mean, tower.std, self.image_layout),
+            image_transform=ImageTransform(tower.image_size, self.image_layout),
             image_token=lm.image_token,
             image_token_id=lm.image_token_id,
             tokens_per_image=self.tokens_per_image,
@@ -111,7 +111,10 @@ class PrefixFusionVLM(VLMModule):
         )
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd."""
+        """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd. uint8 images (what the
+        processor gives) are normalised here with the tower's mean/std; float input is taken as normalised."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values, self.vision_tower.mean, self.vision_tower.std)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage.trains("vision_tower")):
             features = self.vision_tower(pixel_values)  # [I, N, D_v]
         return self.connector(features)  # [I, T, D_llm]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 IGNORE_INDEX = -100
@@ -198,8 +199,16 @@ def encode_conversation(
     rendered = chat_format.render(turns, tokenizer, add_generation_prompt)
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    learned_chars = [0] * (len(rendered.text) + 1)  # prefix sums of supervised characters
+    for start, end in rendered.learn:
+        for c in range(start, end):
+            learned_chars[c + 1] = 1
+    learned_chars = list(accumulate(learned_chars))
     labels = []
     for tok, (a, b) in zip(ids, offsets):
-        learned = any(a < end and b > start for start, end in rendered.learn)
+        if a == b:  # a zero-width token is learned when it sits strictly inside a supervised span
+            learned = any(start < a < end for start, end in rendered.learn)
+        else:
+            learned = learned_chars[b] > learned_chars[a]
         labels.append(tok if learned else IGNORE_INDEX)
     return ids, labels
