@@ -4,6 +4,7 @@
     lit-mllm describe --config FILE                    parameters per part, image tokens, connector FLOPs
     lit-mllm validate-data --config FILE               every record processed; problems per reason, named
     lit-mllm export --config FILE --ckpt_path CKPT --out DIR   a transformers LLaVA folder, or safetensors
+    lit-mllm estimate-memory --config FILE             weights / gradients / optimizer / activations, per part
     lit-mllm data shapesworld --out DIR                write the generated ShapesWorld dataset
 
 After the model and data are built from the config, the model's processor (tokenizer, chat format,
@@ -37,8 +38,10 @@ DESCRIPTION = """lit-mllm: train and evaluate multimodal LLMs from YAML.
 Run `lit-mllm fit --config configs/quickstart.yaml` for a tiny model on generated data (CPU, minutes).
 Other commands: `lit-mllm describe --config FILE` prints what a config builds (parameters per part, image
 tokens per image, connector FLOPs per image); `lit-mllm validate-data --config FILE` processes every record of
-the config's data and reports problems per reason; `lit-mllm data shapesworld --help` writes the ShapesWorld
-dataset."""
+the config's data and reports problems per reason; `lit-mllm estimate-memory --config FILE` breaks a training
+step's memory into weights, gradients, optimizer states and activations; `lit-mllm export --help` writes a
+trained model as a transformers LLaVA folder or safetensors; `lit-mllm data shapesworld --help` writes the
+ShapesWorld dataset."""
 
 
 class LitMLLMCLI(LightningCLI):
@@ -143,6 +146,10 @@ def run(args: list[str] | None = None) -> object:
         return None
     if argv[:1] == ["describe"]:
         return describe_main(argv[1:])
+    if argv[:1] == ["estimate-memory"]:
+        from lit_mllm.training.memory import estimate_memory_main
+
+        return estimate_memory_main(argv[1:])
     if argv[:1] == ["export"]:
         from lit_mllm.training.export import export_main
 

@@ -1,0 +1,310 @@
+"""How far the memory estimate (``lit-mllm estimate-memory``, :mod:`lit_mllm.training.memory`) is from the
+peak memory of real training steps.
+
+    python benchmarks/memory_estimate_error.py            # every case (CPU: a few minutes)
+    python benchmarks/memory_estimate_error.py --quick    # the three stages only
+
+Each case builds a small model from ``configs/quickstart.yaml`` (wider than the quickstart, so that weights,
+optimizer states and activations all weigh), takes one real batch of generated ShapesWorld data, runs two
+training steps of the config's Trainer on it (the second step is the steady state: optimizer states exist and
+the first step's gradients live until ``zero_grad``) and measures the peak:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` over the fit;
+- CPU: the peak of live tensor storage bytes, tracked by a ``TorchDispatchMode`` that registers every storage
+  an operator returns and a weak reference that removes it when the storage is freed (parameters, buffers and
+  the batch registered up front). It counts tensors, not allocator overhead or kernels' internal scratch
+  buffers.
+
+The estimate is given the batch's real shape (rows, length, tower inputs, supervised positions, padding). The
+relative error is ``|estimate - measured| / measured``; the last line is
+``memory_estimate_error: <max over cases>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+try:
+    import lit_mllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_mllm.cli import build_cli
+from lit_mllm.training.memory import estimate_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+@dataclass
+class Case:
+    name: str
+    trainable: list[str]
+    precision: str = "32-true"
+    checkpointing: bool = False
+    extra: list[str] | None = None  # further CLI args (optimizer, partly trained tower)
+
+
+CASES = [
+    Case("align", ["connector"]),
+    Case("finetune", ["connector", "language_model"]),
+    Case("all", ["vision_tower", "connector", "language_model"]),
+    Case("finetune bf16-mixed", ["connector", "language_model"], precision="bf16-mixed"),
+    Case("finetune bf16-true", ["connector", "language_model"], precision="bf16-true"),
+    Case("finetune checkpointed", ["connector", "language_model"], checkpointing=True),
+    Case(
+        "align last tower block",
+        ["connector"],
+        extra=["--model.init_args.stage.train_last_blocks={vision_tower: 1}"],
+    ),
+    Case(
+        "finetune SGD momentum",
+        ["connector", "language_model"],
+        extra=[
+            "--model.init_args.optimizer=torch.optim.SGD",
+            "--model.init_args.optimizer.init_args.lr=0.01",
+            "--model.init_args.optimizer.init_args.momentum=0.9",
+        ],
+    ),
+]
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages: every storage an operator returns is counted until it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        """Count tensors that exist before the mode starts (parameters, buffers, the batch)."""
+        for t in tensors:
+            self._add(t)
+        self.peak = max(self.peak, self.current)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += self.live[key]
+        self.refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def build(case: Case, args: argparse.Namespace, data_root: Path):
+    cli_args = [
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.batch_size={args.batch}",
+        "--data.init_args.generate_if_missing.init_args.num_train=32",
+        "--data.init_args.generate_if_missing.init_args.num_val=4",
+        "--data.init_args.generate_if_missing.init_args.num_test=4",
+        f"--model.init_args.vision_tower.init_args.hidden_size={args.vision_dim}",
+        f"--model.init_args.vision_tower.init_args.image_size={args.image_size}",
+        f"--model.init_args.language_model.class_path=lit_mllm.nn.language.{args.llm}",
+        f"--model.init_args.language_model.init_args.hidden_size={args.llm_dim}",
+        f"--model.init_args.stage.name={case.name.split()[0]}",
+        f"--model.init_args.stage.trainable=[{', '.join(case.trainable)}]",
+        f"--trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "--trainer.devices=1",
+        f"--trainer.precision={case.precision}",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={data_root.parent}",  # where the CLI saves the resolved config
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *(case.extra or []),
+    ]
+    return build_cli(cli_args, run=False)
+
+
+def measure(case: Case, args: argparse.Namespace, data_root: Path) -> dict:
+    cli = build(case, args, data_root)
+    model, trainer, dm = cli.model, cli.trainer, cli.datamodule
+    if case.checkpointing:
+        model.language_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    rows, length = batch["input_ids"].shape
+    images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    padded = batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all())
+    estimate = estimate_memory(
+        model,
+        batch_size=rows,
+        seq_len=length,
+        images_per_sample=images // rows,
+        supervised_tokens=supervised / rows,
+        precision=case.precision,
+        activation_checkpointing=case.checkpointing,
+        attention_mask=padded,
+        accelerator=args.device,
+    )
+    loader = torch.utils.data.DataLoader([batch, batch], batch_size=None, collate_fn=lambda b: b)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # the model is still on the CPU: nothing of the case yet
+        trainer.fit(model, train_dataloaders=loader)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        tracker = PeakTensorMemory()
+        tensors = [*model.parameters(), *model.buffers(), *(v for v in batch.values() if torch.is_tensor(v))]
+        tracker.track(*tensors)
+        with tracker:
+            trainer.fit(model, train_dataloaders=loader)
+        peak = tracker.peak
+    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    optimizer = trainer.optimizers[0]
+    states = sum(
+        v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1
+    )
+    return {
+        "case": case.name,
+        "precision": case.precision,
+        "shape": f"{rows}x{length}",
+        "estimate": estimate.total,
+        "measured": peak,
+        "grad_opt_estimate": estimate.gradients + estimate.optimizer,
+        "grad_opt_measured": gradients + states,
+        "activations_estimate": estimate.activations,
+        "phase": estimate.peak_phase,
+        "error": abs(estimate.total - peak) / peak,
+    }
+
+
+def report(results: list[dict], args: argparse.Namespace) -> float:
+    how = (
+        "torch.cuda.max_memory_allocated over a 2-step fit"
+        if args.device == "cuda"
+        else "peak live tensor-storage bytes over a 2-step fit (TorchDispatchMode tracker; parameters, "
+        "buffers and the batch counted from the start)"
+    )
+    print(
+        f"device {args.device}, vision width {args.vision_dim} at {args.image_size} px, {args.llm} width "
+        f"{args.llm_dim} (4 layers), "
+        f"batch {args.batch}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    print(f"measured: {how}")
+    header = [
+        "case",
+        "precision",
+        "rows x len",
+        "estimate MiB",
+        "measured MiB",
+        "rel. error",
+        "grad+opt est/meas MiB",
+        "est. activations MiB",
+        "estimated peak at",
+    ]
+    table = [
+        [
+            r["case"],
+            r["precision"],
+            r["shape"],
+            f"{r['estimate'] / MIB:.2f}",
+            f"{r['measured'] / MIB:.2f}",
+            f"{r['error']:.3f}",
+            f"{r['grad_opt_estimate'] / MIB:.2f} / {r['grad_opt_measured'] / MIB:.2f}",
+            f"{r['activations_estimate'] / MIB:.2f}",
+            r["phase"],
+        ]
+        for r in results
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i in (0, 1, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for cells in table:
+        print(line(cells))
+    worst = max(results, key=lambda r: r["error"])
+    print(f"largest error: {worst['case']} ({worst['error']:.3f})")
+    print(f"memory_estimate_error: {worst['error']:.4f}")
+    return worst["error"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="only the three stages (align, finetune, all), fp32"
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument("--vision-dim", type=int, default=128, help="tower width (quickstart: 64)")
+    parser.add_argument("--llm-dim", type=int, default=256, help="LLM width (quickstart: 128)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="tower input side; (side / 8)^2 image tokens (quickstart: 64)",
+    )
+    parser.add_argument(
+        "--llm", default="TinyLlama", choices=["TinyLlama", "TinyQwen2"], help="LLM architecture"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="rows per step")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="NAME", help="only the cases named")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    cases = CASES[:3] if args.quick else CASES
+    if args.cases:
+        cases = [c for c in CASES if c.name in args.cases]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [measure(case, args, Path(tmp) / "shapesworld") for case in cases]
+    return report(results, args)
+
+
+if __name__ == "__main__":
+    main()
