@@ -3,14 +3,26 @@ presets (Llama-like and Qwen2-like) built from a config and the shipped tiny tok
 
 The wrapper adds the image placeholder token (resizing embeddings when it is new), picks a pad token,
 and exposes the three things a family needs: ``embed`` ids, run the decoder on embeddings, ``generate``.
+
+Two efficiency options act on the decoder layers, each layer keeping its parameter names:
+
+* ``gradient_checkpointing``: a layer keeps only its inputs for the backward pass and recomputes the rest
+  (``torch.utils.checkpoint``, non-reentrant) whenever it runs with autograd, whether the LLM trains or is frozen
+  and only passes gradients on to the connector (LLaVA's align stage; a frozen LLM stays in eval mode, where
+  ``transformers``' own checkpointing would be off).
+* ``compile``: each layer's ``forward`` goes through ``torch.compile`` (regional compilation: one layer's graph,
+  reused by all layers of the same class), inside the checkpoint when both are on.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_mllm.nn.language.chat import ChatFormat, TokenizerTemplate, VicunaV1
 from lit_mllm.nn.language.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER_DIR
@@ -28,6 +40,8 @@ class LanguageModel(nn.Module):
         dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         """
         Args:
@@ -38,6 +52,11 @@ class LanguageModel(nn.Module):
             dtype: Weight dtype to load (``bfloat16``, ``float16``, ``float32``); None keeps the checkpoint's.
             attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
             trust_remote_code: Allow code shipped with the checkpoint to run; off unless you trust the source.
+            gradient_checkpointing: Recompute each decoder layer in the backward pass instead of keeping its
+                activations (less memory, about one more forward of compute); active whenever the LLM runs with
+                autograd, frozen or not.
+            compile: ``torch.compile`` each decoder layer's forward; ``true`` with PyTorch's defaults, or a dict of
+                its options (``{mode: max-autotune}``, ``{dynamic: true}``, ``{backend: aot_eager}``).
         """
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,6 +69,7 @@ class LanguageModel(nn.Module):
             trust_remote_code=trust_remote_code,
         )
         self._wrap(model, tok, chat_format or TokenizerTemplate(), image_token)
+        self._set_layer_forwards(gradient_checkpointing, compile)
 
     def _wrap(self, model: nn.Module, tokenizer, chat_format: ChatFormat, image_token: str) -> None:
         if image_token not in tokenizer.get_vocab():
@@ -79,6 +99,37 @@ class LanguageModel(nn.Module):
                     "states directly and does not support it yet"
                 )
         self.max_length = getattr(model.config, "max_position_embeddings", None)
+        self.gradient_checkpointing = False
+        self.compiled = False
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's transformer layers, input side first (the model's own modules)."""
+        return _decoder_layers(self.model)
+
+    def _set_layer_forwards(self, gradient_checkpointing: bool, compile: bool | dict[str, Any]) -> None:
+        """Route every decoder layer's forward through the checkpoint and/or ``torch.compile``.
+
+        The layer keeps its class, parameter names and hooks; only its ``forward`` attribute is set (a deep copy, as
+        weight-averaging callbacks make, computes with the copy's weights)."""
+        if compile is True:
+            options: dict[str, Any] | None = {}
+        elif compile is False:
+            options = None
+        elif isinstance(compile, dict):
+            options = dict(compile)
+        else:
+            raise TypeError(f"compile must be true/false or a dict of torch.compile options, got {compile!r}")
+        self.gradient_checkpointing = gradient_checkpointing
+        self.compiled = options is not None
+        if not gradient_checkpointing and options is None:
+            return
+        compiled: dict[type, Callable] = {}  # one compiled forward per layer class, shared by its layers
+        for layer in self.decoder_layers:
+            fn = None
+            if options is not None:
+                fn = compiled.setdefault(type(layer), torch.compile(type(layer).forward, **options))
+            layer.forward = _LayerForward(layer, gradient_checkpointing, fn)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """``[B, L] -> [B, L, D]`` token embeddings."""
@@ -121,6 +172,36 @@ class LanguageModel(nn.Module):
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
+class _LayerForward:
+    """A decoder layer's ``forward``: its class's forward (or a compiled one), recomputed in the backward pass when
+    ``checkpointed`` and autograd is recording. Module hooks stay outside: they run once per forward, not again on
+    recomputation."""
+
+    def __init__(self, layer: nn.Module, checkpointed: bool, compiled: Callable | None = None) -> None:
+        self.layer, self.checkpointed, self.compiled = layer, checkpointed, compiled
+
+    def __call__(self, *args, **kwargs):
+        run = functools.partial(self.compiled or type(self.layer).forward, self.layer, **kwargs)
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(run, *args, use_reentrant=False)
+        return run(*args)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of a causal LM's decoder layers (``layers`` in Llama/Qwen2/OPT, ``h`` in GPT-2, ...)."""
+    num_layers = model.config.num_hidden_layers
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module in decoder.modules():
+        for attr in ("layers", "h", "layer", "blocks"):
+            blocks = getattr(module, attr, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) == num_layers:
+                return blocks
+    raise ValueError(
+        f"could not find the {num_layers} decoder layers of {type(model).__name__} (looked for a ModuleList named "
+        "layers, h, layer or blocks); gradient_checkpointing and compile need them"
+    )
+
+
 def _tiny_config(config_cls, **arch):
     """A config of ``config_cls`` sized by ``arch``, with the shipped tiny tokenizer's vocabulary and ids."""
     from transformers import AutoTokenizer
@@ -152,6 +233,9 @@ class _TinyLM(LanguageModel):
         intermediate_size: int | None = None,
         max_length: int = 512,
         chat_format: ChatFormat | None = None,
+        dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         """
         Args:
@@ -163,6 +247,9 @@ class _TinyLM(LanguageModel):
             max_length: Context length in tokens (image tokens included).
             chat_format: Conversation format; default the architecture's usual one (Vicuna v1 for TinyLlama as in
                 LLaVA-1.5, the tokenizer's ChatML template for TinyQwen2).
+            dtype: Weight dtype (``bfloat16``, ``float16``, ``float32``); None keeps float32.
+            gradient_checkpointing: Recompute each decoder layer in the backward pass, as in :class:`LanguageModel`.
+            compile: ``torch.compile`` each decoder layer's forward, as in :class:`LanguageModel`.
         """
         nn.Module.__init__(self)
         import transformers
@@ -178,7 +265,11 @@ class _TinyLM(LanguageModel):
             max_position_embeddings=max_length,
             tie_word_embeddings=self._tied_embeddings,
         )
-        self._wrap(model_cls(config), tok, chat_format or self._default_chat_format(), IMAGE_TOKEN)
+        model = model_cls(config)
+        if dtype is not None:
+            model.to(getattr(torch, dtype))
+        self._wrap(model, tok, chat_format or self._default_chat_format(), IMAGE_TOKEN)
+        self._set_layer_forwards(gradient_checkpointing, compile)
 
     def _default_chat_format(self) -> ChatFormat:
         return VicunaV1()

@@ -6,6 +6,10 @@ output of block ``i`` (1-based; 0 would be the embeddings, which no recipe reads
 is the last block, ``-2`` the penultimate (LLaVA's choice). Blocks after the chosen layer are removed at build time, so a frozen tower
 never computes layers whose output nobody reads. The blocks that remain are :attr:`VisionTower.blocks`, so a stage
 can train only the last few (POINTS).
+
+``gradient_checkpointing`` (an init argument of every tower) recomputes blocks in the backward pass instead of
+keeping their activations, through the tower library's own switch. It only matters where the tower runs with
+autograd, i.e. when a stage trains it or its last blocks; a frozen tower runs without autograd and keeps nothing.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class VisionTower(nn.Module, ABC):
                 f"asked for the last {n} blocks of {type(self).__name__}, which has {len(blocks)} left"
             )
         return blocks[len(blocks) - n :]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the tower's blocks in the backward pass instead of keeping their activations."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
     def check_input(self, pixel_values: Tensor) -> None:
         """Refuse images that are not ``image_size`` square, naming the fix."""

@@ -37,13 +37,19 @@ def _describe(i: int, tower: VisionTower) -> str:
 class FusedTowers(VisionTower):
     """Vision towers fused token by token: ``[B, 3, S, S]`` in [0, 1] -> ``[B, N, D]``."""
 
-    def __init__(self, towers: list[VisionTower], mode: Literal["concat", "average"] = "concat") -> None:
+    def __init__(
+        self,
+        towers: list[VisionTower],
+        mode: Literal["concat", "average"] = "concat",
+        gradient_checkpointing: bool = False,
+    ) -> None:
         """
         Args:
             towers: Two or more towers with the same image_size, patch grid and feature count (set each one's
                 ``image_size`` to make them agree); each keeps its own mean/std, applied inside ``forward``.
             mode: ``concat`` joins features along channels (Prismatic; width = sum of widths); ``average``
                 takes their mean (POINTS; all widths must be equal).
+            gradient_checkpointing: Recompute every tower's blocks in the backward pass (each tower's own switch).
         """
         super().__init__()
         if len(towers) < 2:
@@ -79,6 +85,12 @@ class FusedTowers(VisionTower):
         self.num_prefix_tokens = first.num_features - rows * cols
         self.keep_cls = self.num_prefix_tokens > 0
         self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the pipeline gives [0, 1]; see forward
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        for tower in self.towers:
+            tower.enable_gradient_checkpointing()
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -126,6 +126,7 @@ class HFVisionTower(VisionTower):
         keep_cls: bool = False,
         trust_remote_code: bool = False,
         image_size: int | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -139,6 +140,8 @@ class HFVisionTower(VisionTower):
             image_size: Input side in pixels; None = the checkpoint's. Another value (a multiple of the patch
                 size, e.g. 378 for a patch-14 tower) resamples the learned position embeddings bicubically once
                 at build time (CLS position kept); the patch grid and feature count follow.
+            gradient_checkpointing: Recompute the blocks in the backward pass (``transformers``' activation
+                checkpointing, non-reentrant); it acts on the blocks that train, which are the ones in train mode.
         """
         super().__init__()
         from transformers import AutoConfig, AutoModel
@@ -148,6 +151,8 @@ class HFVisionTower(VisionTower):
         model = AutoModel.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
         mean, std = self._normalisation(name_or_path, config.model_type)
         self._wrap(model, feature_layer, keep_cls, mean, std, image_size)
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
 
     @staticmethod
     def _normalisation(name_or_path: str, model_type: str) -> tuple[tuple, tuple]:
@@ -203,6 +208,16 @@ class HFVisionTower(VisionTower):
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self._blocks_path)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """``transformers``' checkpointing, non-reentrant (inputs need not require grad: a partly trained tower's
+        first trained block gets its input from frozen blocks). ``transformers`` checkpoints a block in train mode,
+        which in this project means a block that trains."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         self.check_input(pixel_values)
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -224,6 +239,7 @@ class TinyCLIPVision(HFVisionTower):
         num_heads: int = 4,
         feature_layer: int = -2,
         keep_cls: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -234,6 +250,7 @@ class TinyCLIPVision(HFVisionTower):
             num_heads: Attention heads.
             feature_layer: Hidden state to read, as in :class:`HFVisionTower`.
             keep_cls: Keep the CLS token.
+            gradient_checkpointing: Recompute the blocks in the backward pass, as in :class:`HFVisionTower`.
         """
         nn.Module.__init__(self)
         from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -247,3 +264,5 @@ class TinyCLIPVision(HFVisionTower):
             num_attention_heads=num_heads,
         )
         self._wrap(CLIPVisionModel(config), feature_layer, keep_cls, CLIP_MEAN, CLIP_STD)
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()

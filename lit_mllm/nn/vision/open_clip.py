@@ -43,6 +43,7 @@ class OpenCLIPTower(VisionTower):
         feature_layer: int = -2,
         keep_cls: bool = False,
         image_size: int | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -51,6 +52,8 @@ class OpenCLIPTower(VisionTower):
             feature_layer: Block whose output is read (1 = first, -1 = last, -2 = penultimate).
             keep_cls: Keep the prefix tokens (CLS, registers) in the output.
             image_size: Override the input resolution (positional embeddings are interpolated by open_clip).
+            gradient_checkpointing: Recompute the blocks in the backward pass (open_clip's / timm's
+                ``set_grad_checkpointing``, non-reentrant).
         """
         super().__init__()
         import open_clip
@@ -97,6 +100,15 @@ class OpenCLIPTower(VisionTower):
             visual.trunk.prune_intermediate_layers(indices=[keep - 1], prune_norm=True, prune_head=True)
             visual.head = nn.Identity()
         self.visual = visual
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """open_clip's switch (its own ViT, or the timm trunk's); blocks are checkpointed non-reentrantly."""
+        if hasattr(self.visual, "trunk"):
+            self.visual.trunk.set_grad_checkpointing(True)  # TimmModel's own switch would only log a failure
+        else:
+            self.visual.set_grad_checkpointing(True)
 
     @property
     def blocks(self) -> nn.ModuleList:
