@@ -98,5 +98,8 @@ def test_stage_files_plug_into_the_quickstart(path, shapes_root, tmp_path):
         run=False,
     )
     assert cli.model.stage.name == path.stem
-    frozen = set(cli.model.parts()) - set(cli.model.stage.trainable)
-    assert frozen and all(not p.requires_grad for n in frozen for p in cli.model.parts()[n].parameters())
+    untrained = set(cli.model.parts()) - set(cli.model.stage.trainable)  # frozen, or trained through LoRA only
+    assert untrained
+    for name in untrained:
+        for param_name, p in cli.model.parts()[name].named_parameters():
+            assert p.requires_grad == (".lora_" in param_name), (name, param_name)

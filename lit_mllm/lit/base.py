@@ -13,14 +13,27 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_mllm.data.processor import Processor
 from lit_mllm.eval.metrics import ReplyExactMatch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
-from lit_mllm.training.stages import Stage, apply_stage, count, param_groups, set_modes, trainable_table
+from lit_mllm.training.peft import add_lora
+from lit_mllm.training.stages import (
+    Milestone,
+    Stage,
+    StageSchedule,
+    apply_stage,
+    count,
+    param_groups,
+    set_modes,
+    trainable_names,
+    trainable_table,
+)
 
 
 class NoSupervisedTokens(ValueError):
@@ -51,13 +64,17 @@ class VLMModule(L.LightningModule):
 
     def __init__(
         self,
-        stage: Stage | None = None,
+        stage: Stage | StageSchedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
-        self.stage = stage or Stage()
+        if not isinstance(stage, StageSchedule):
+            stage = StageSchedule([Milestone(0, stage or Stage())])
+        self.schedule = stage  # the run's stages; a single stage is a schedule of one
+        self.stage_index = 0  # index in schedule.stages of the stage that trains now
+        self.stage = stage.stages[0].stage  # the stage that trains now
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.max_new_tokens = max_new_tokens
@@ -84,8 +101,60 @@ class VLMModule(L.LightningModule):
 
     # -- stage ------------------------------------------------------------------------------------------------
     def apply_stage(self) -> None:
-        """Freeze all parts but the stage's; call at the end of a family's ``__init__``."""
+        """Freeze all parts but the stage's; call at the end of a family's ``__init__``. Every stage of the schedule
+        is checked against the parts, and the LoRA adapters of all of them are injected now."""
+        parts = self.parts()
+        for milestone in self.schedule.stages:
+            milestone.stage.check(parts)
+        for name, spec in self.schedule.adapters().items():
+            add_lora(parts[name], spec, name)
+        apply_stage(parts, self.stage)
+
+    def enter_stage(self, index: int) -> None:
+        """Make ``schedule.stages[index]`` the stage that trains: re-freeze, and during a fit build a new optimizer
+        over exactly its trainable parameters (checked), print its table, and under DDP re-wrap the model so
+        gradients of the newly trainable parameters are reduced."""
+        previous = self.stage
+        self.stage_index = index
+        self.stage = self.schedule.stages[index].stage
         apply_stage(self.parts(), self.stage)
+        for p in self.parameters():
+            if not p.requires_grad:
+                p.grad = None
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            self._wrap_ddp_again(strategy)
+        elif strategy.model is not self:
+            raise NotImplementedError(
+                f"switching stages within a run supports single-device and DDP training, not "
+                f"{type(strategy).__name__}; run the stages as separate runs (init_from the previous checkpoint)"
+            )
+        strategy.setup_optimizers(trainer)
+        in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        if in_optimizer != trainable:
+            raise RuntimeError(
+                f"after entering stage {self.stage.name!r} the optimizer holds {len(in_optimizer)} parameters but "
+                f"{len(trainable)} train; configure_optimizers must cover exactly the trainable parameters"
+            )
+        rank_zero_info(
+            f"step {self.global_step}: stage {previous.name!r} -> {self.stage.name!r}, new optimizer over "
+            f"{len(trainable)} tensors\n" + trainable_table(self.parts(), self.stage)
+        )
+
+    def _wrap_ddp_again(self, strategy: DDPStrategy) -> None:
+        """DDP reduces the gradients of the parameters that trained when it wrapped the model, and silently not the
+        others: unwrap and wrap again for the new stage."""
+        strategy.model = self
+        strategy.configure_ddp()
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        index = self.schedule.index_at(self.global_step)
+        if index != self.stage_index:
+            self.enter_stage(index)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -96,12 +165,16 @@ class VLMModule(L.LightningModule):
     def describe(self) -> dict[str, int | str]:
         """Figures logged as hyperparameters of every run, so runs can be compared on them."""
         facts: dict[str, int | str] = {"stage": self.stage.name}
+        if len(self.schedule.stages) > 1:
+            facts["stages"] = self.schedule.describe()
         for name, part in self.parts().items():
             facts[f"params/{name}"], facts[f"params_trainable/{name}"] = count(part)
         facts["params/total"], facts["params_trainable/total"] = count(self)
         return facts
 
     def on_fit_start(self) -> None:
+        if len(self.schedule.stages) > 1:
+            rank_zero_info(f"stages: {self.schedule.describe()}")
         rank_zero_info(trainable_table(self.parts(), self.stage))
         if self.logger is not None:
             self.logger.log_hyperparams(self.describe())
@@ -188,12 +261,22 @@ class VLMModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["lit_mllm"] = {
             "stage": self.stage.name,
+            "stage_index": self.stage_index,
             "frozen_weights": "rebuilt from the config's sources",
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.strict_loading = False  # frozen weights are absent on purpose; trainable ones are checked here
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        # Of a schedule, the stage that wrote the checkpoint (its optimizer state is in it); a milestone reached at
+        # the checkpoint's step is entered at the next batch, as in an uninterrupted run.
+        index = (checkpoint.get("lit_mllm") or {}).get("stage_index")
+        if not isinstance(index, int) or not 0 <= index < len(self.schedule.stages):
+            index = self.schedule.index_at(checkpoint.get("global_step", 0))
+        if index != self.stage_index:
+            self.stage_index = index
+            self.stage = self.schedule.stages[index].stage
+            apply_stage(self.parts(), self.stage)
+        trainable = trainable_names(self)
         missing = sorted(trainable - checkpoint["state_dict"].keys())
         if missing:
             raise KeyError(
@@ -221,6 +304,7 @@ class VLMModule(L.LightningModule):
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # a schedule that spans the whole run
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        if getattr(scheduler, "total_steps", 0) is None:  # spans the stage (for one stage: the run)
+            run_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler.total_steps = self.schedule.steps_of(self.stage_index, run_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

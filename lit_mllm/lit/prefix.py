@@ -23,7 +23,7 @@ from lit_mllm.nn.fusion.prefix import splice_image_features
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
-from lit_mllm.training.stages import Stage
+from lit_mllm.training.stages import Stage, StageSchedule
 
 
 def connector_flops(connector: nn.Module, num_features: int) -> int:
@@ -49,7 +49,7 @@ class PrefixFusionVLM(VLMModule):
         language_model: LanguageModel,
         connector: ConnectorFactory = MLPConnector,
         image_layout: ImageLayout | None = None,
-        stage: Stage | None = None,
+        stage: Stage | StageSchedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 32,
@@ -62,7 +62,8 @@ class PrefixFusionVLM(VLMModule):
             connector: Connector class and its options; called with ``(D_v, D_llm)``.
             image_layout: How an image becomes tower inputs: ``Resize`` (default), ``Letterbox``, ``ResizeCrop``, or
                 tiles (``AnyRes``, ``Catty``, ``MM1SubImages``: each tile gives ``T`` tokens).
-            stage: What trains (default: connector + language model, LLaVA's finetune stage).
+            stage: What trains (default: connector + language model, LLaVA's finetune stage), or a StageSchedule
+                of stages switched at step milestones.
             optimizer: Optimizer class and options (parameters are filled in).
             scheduler: Learning-rate scheduler class and options, stepped every optimizer step.
             max_new_tokens: Longest generated reply in ``predict``.

@@ -19,9 +19,9 @@ Two export formats:
 - ``safetensors``: any family: ``model.safetensors`` (every weight) and the resolved ``config.yaml`` with
   ``model.init_args.init_from`` pointing at it, for ``lit-mllm predict --config DIR/config.yaml``.
 
-LoRA: adapters must be merged into the base weights before an export. There is no adapter support here yet; when
-it lands, merging belongs at the start of :func:`export_llava` / :func:`export_safetensors` (and
-:func:`refuse_unmerged_adapters` is where a model with unmerged adapters is refused until then).
+LoRA: both formats write plain weights, so a model holding LoRA adapters (a stage's ``lora``) is exported with the
+adapters merged into its base weights (:func:`with_adapters_merged`; QLoRA's 4-bit weights are dequantized). The
+written safetensors config drops the stage's ``lora`` accordingly.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu"), None
-    from lit_mllm.training.stages import Stage
+    from lit_mllm.training.stages import STAGE_TYPES
 
     try:
-        with torch.serialization.safe_globals([Stage]):  # stored in hyper_parameters by a plain Trainer
+        with torch.serialization.safe_globals(list(STAGE_TYPES)):  # stored in hyper_parameters by a plain Trainer
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types; all mean the same here
         raise WeightsMismatch(
@@ -148,19 +148,31 @@ def load_weights(module: nn.Module, path: str | Path) -> LoadedWeights:
     return LoadedWeights(path=path, loaded=loaded, missing=missing, stage=stage)
 
 
-def refuse_unmerged_adapters(model: nn.Module) -> None:
-    """Refuse a model holding LoRA / ``peft`` adapter layers: an export writes plain weights, so adapters must be
-    merged first, which this version does not do."""
-    adapters = [
-        name
-        for name, m in model.named_modules()
-        if type(m).__module__.startswith("peft.") and hasattr(m, "merge")
-    ]
-    if adapters:
-        raise UnsupportedExport(
-            f"{type(model).__name__} holds {len(adapters)} unmerged adapter layer(s) (e.g. {adapters[0]!r}); "
-            "merge the adapters into the base weights before exporting (e.g. peft's merge_and_unload)"
-        )
+def with_adapters_merged(model: nn.Module) -> nn.Module:
+    """``model`` with its LoRA adapters merged into the base weights, as an export writes it: ``model`` itself when
+    it holds none, else a merged copy (the caller's model keeps its adapters; the copy costs the memory of the
+    model's weights; :func:`export_main` merges its own model in place instead)."""
+    from lit_mllm.training.peft import has_adapters, merge_adapters
+
+    if not has_adapters(model):
+        return model
+    merged = copy.deepcopy(model)
+    count = merge_adapters(merged)
+    rank_zero_info(f"merged the LoRA adapters of {count} layers into their base weights for export")
+    return merged
+
+
+def drop_adapters_from_config(model_node: dict) -> None:
+    """Remove the stage's ``lora`` (and each scheduled stage's) from a resolved ``model`` config node, in place: the
+    exported weights hold the adapters merged, so the model they load into must have none."""
+
+    def body(node):  # a stage or schedule node, given directly or as {class_path, init_args}
+        return node.get("init_args", node) if isinstance(node, dict) else {}
+
+    stage = body(model_node.get("init_args", {}).get("stage"))
+    for node in [stage, *(body(m.get("stage")) for m in stage.get("stages", []))]:
+        if node.get("lora"):
+            node["lora"] = {}
 
 
 # -- LLaVA (transformers) ---------------------------------------------------------------------------------------
@@ -248,7 +260,7 @@ def to_llava(model: PrefixFusionVLM):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     check_llava_exportable(model)
-    refuse_unmerged_adapters(model)
+    model = with_adapters_merged(model)
     tower, connector, lm = model.vision_tower, model.connector, model.language_model
     text_config = copy.deepcopy(lm.model.config)
     config = LlavaConfig(
@@ -450,11 +462,11 @@ def export_safetensors(model: nn.Module, config: str | dict[str, Any], out: str 
     weights, so ``lit-mllm predict --config out/config.yaml`` starts from them. Tied weights are stored once."""
     from safetensors.torch import save_model
 
-    refuse_unmerged_adapters(model)
+    merged = with_adapters_merged(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = (out / "model.safetensors").resolve()
-    save_model(model, str(weights), metadata={"format": "pt", "model": type(model).__name__})
+    save_model(merged, str(weights), metadata={"format": "pt", "model": type(model).__name__})
     resolved = yaml.safe_load(config) if isinstance(config, str) else copy.deepcopy(dict(config))
     model_node = resolved.get("model")
     if not isinstance(model_node, dict) or "class_path" not in model_node:
@@ -463,6 +475,8 @@ def export_safetensors(model: nn.Module, config: str | dict[str, Any], out: str 
             "a lit-mllm run (its config.yaml)"
         )
     model_node.setdefault("init_args", {})["init_from"] = str(weights)
+    if merged is not model:
+        drop_adapters_from_config(model_node)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     rank_zero_info(f"wrote {weights} and {out / 'config.yaml'}")
     return out
@@ -494,6 +508,11 @@ def export_main(args: list[str]) -> Path:
     if known.ckpt_path is not None:
         load_weights(model, known.ckpt_path)
     model.eval()
+    from lit_mllm.training.peft import merge_adapters
+
+    merge_adapters(model)  # in place: this model is built for the export alone (no copy needed)
     if known.format == "llava":
         return export_llava(model, known.out)
-    return export_safetensors(model, cli.parser.dump(cli.config, skip_none=False), known.out)
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    drop_adapters_from_config(config["model"])  # the written config must build a model without adapters
+    return export_safetensors(model, config, known.out)
