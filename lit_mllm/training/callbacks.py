@@ -1,0 +1,149 @@
+"""Run-time policy for long and distributed runs: a checkpoint on SIGTERM that every rank agrees on, and the FSDP
+wrap policy read off the model's parts.
+
+SIGTERM (preemption, ``scancel``, a time limit, Kubernetes eviction) may reach one rank, several or all, at
+different moments. :class:`CheckpointOnSigterm` only notes it in the signal handler; after each optimizer step
+the ranks agree (one all-reduce of a flag) whether any rank was signalled, and if so all of them save one
+checkpoint together at that same step and stop with Lightning's ``SIGTERMException`` (the process exits 0). The
+checkpoint holds the training loader's position, so ``--ckpt_path`` resumes at the next batch of the plan.
+
+Lightning's own SIGTERM handling is replaced while the callback is active: its handler runs a collective
+broadcast inside the signal handler and stops each rank on its own flag, which hangs a DDP run when SIGTERM
+reaches a rank other than 0 only (one node of several preempted). Lightning restores its handlers at teardown.
+
+:class:`PartBlocks` is an FSDP auto-wrap (and activation-checkpointing) policy: every part of a family module
+(``vision_tower``, ``connector``, ``language_model``) and every transformer block of a part (the tower's
+:attr:`~lit_mllm.nn.vision.base.VisionTower.blocks`, the LLM's decoder layers) becomes its own FSDP unit. A stage
+freezes whole parts or whole blocks, so every unit's parameters are all trainable or all frozen.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (to any rank): every rank stops after the current optimizer step, one checkpoint is saved, and
+    the run exits 0 with a message naming the checkpoint and how to resume."""
+
+    def __init__(self, dirpath: str | None = None, filename: str = "sigterm.ckpt") -> None:
+        """
+        Args:
+            dirpath: Folder of the checkpoint; default the ModelCheckpoint's folder, else
+                ``<default_root_dir>/checkpoints``. Set a fixed folder for requeued jobs, so the next job finds it.
+            filename: File name of the checkpoint; a later SIGTERM overwrites it, a run that completes removes it.
+        """
+        self.dirpath, self.filename = dirpath, filename
+        self.received = False
+        self._handler_set = False
+
+    def path(self, trainer: L.Trainer) -> Path:
+        """Where the checkpoint goes."""
+        if self.dirpath is not None:
+            return Path(self.dirpath) / self.filename
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            return Path(callback.dirpath) / self.filename
+        return Path(trainer.default_root_dir) / "checkpoints" / self.filename
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.received = True  # acted on after the step, by every rank together
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registered its handlers just before; it restores the previous ones at teardown.
+        self.received = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._handler_set = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._handler_set or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # between the micro-batches of one optimizer step
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        path = self.path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"SIGTERM: stopped after step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}) "
+            f"and saved {path}. Resume with the same command and `--ckpt_path {path}`."
+        )
+        raise SIGTERMException()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.path(trainer)
+        if trainer.is_global_zero and path.is_file():
+            path.unlink()
+            rank_zero_info(f"the run completed: removed the interrupted run's checkpoint {path}")
+
+
+def part_blocks(part: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a part: a vision tower's ``blocks``, a language model's decoder layers, none
+    for other parts."""
+    from lit_mllm.nn.language.model import LanguageModel
+    from lit_mllm.nn.vision.base import VisionTower
+
+    if isinstance(part, VisionTower):
+        return list(part.blocks)
+    if isinstance(part, LanguageModel):
+        layers = getattr(part.model.get_decoder(), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"{type(part.model).__name__}'s decoder keeps its layers somewhere other than `.layers`; give "
+                "FSDPStrategy an auto_wrap_policy naming its decoder-layer class instead of PartBlocks"
+            )
+        return list(layers)
+    return []
+
+
+class PartBlocks(ModuleWrapPolicy):
+    """FSDP policy: every block class found in the family's parts is wrapped, and so are the parts the family
+    calls as modules (the vision tower, the connector).
+
+    The block classes are read from the model when FSDP wraps it (for example ``LlamaDecoderLayer`` and
+    ``CLIPEncoderLayer``), so one strategy config serves every preset. The language model is not wrapped as a
+    whole: the family calls its ``embed``/``head`` methods, which an FSDP unit does not see, so its embeddings,
+    final norm and head stay in the root unit (for any stage all trainable or all frozen, like every other unit).
+    As ``activation_checkpointing_policy`` use ``wrap_parts: false`` (checkpoint blocks, not whole parts)."""
+
+    def __init__(self, wrap_parts: bool = True) -> None:
+        """
+        Args:
+            wrap_parts: Also wrap the vision tower and the connector as units of their own (then no unit mixes
+                trainable and frozen parameters); False wraps the blocks only.
+        """
+        super().__init__(set())
+        self.wrap_parts = wrap_parts
+
+    def _run_policy(
+        self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
+    ) -> dict[nn.Module, dict[str, Any]]:
+        from lit_mllm.nn.language.model import LanguageModel
+
+        family = next((m for m in root_module.modules() if callable(getattr(m, "parts", None))), None)
+        if family is None:
+            raise TypeError(
+                f"PartBlocks wraps the parts of a lit_mllm family module; {type(root_module).__name__} holds none"
+            )
+        parts = family.parts()
+        self._module_classes = {type(b) for p in parts.values() for b in part_blocks(p)}
+        self._module_classes_str = str(self._module_classes)
+        targets = super()._run_policy(root_module, ignored_modules, root_kwargs)
+        if self.wrap_parts:
+            for part in parts.values():
+                if isinstance(part, LanguageModel) or part in ignored_modules:
+                    continue
+                if any(True for _ in part.parameters()):
+                    targets.setdefault(part, dict(root_kwargs))
+        return targets
