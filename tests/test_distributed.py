@@ -285,6 +285,28 @@ def fsdp_units(root) -> list[tuple[str, list[bool]]]:
     return units
 
 
+def test_part_blocks_reads_the_block_classes_off_the_model():
+    """Without a process group: FSDP's entry point names the blocks, the tower and the connector; the recursive
+    entry point (activation checkpointing) with ``wrap_parts: false`` wraps exactly the blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from lit_mllm.training.callbacks import PartBlocks
+
+    model = build(num_layers=3)
+    targets = PartBlocks()._run_policy(model, set(), {})
+    names = sorted(type(m).__name__ for m in targets)
+    assert names == ["CLIPEncoderLayer"] * 2 + ["LlamaDecoderLayer"] * 2 + ["MLPConnector", "TinyCLIPVision"]
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=checkpoint_wrapper, auto_wrap_policy=PartBlocks(False)
+    )
+    wrapped = [m._checkpoint_wrapped_module for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    assert sorted(type(m).__name__ for m in wrapped) == ["CLIPEncoderLayer"] * 2 + ["LlamaDecoderLayer"] * 2
+
+
 def _fsdp_rank(rank: int, root: str, out: str) -> None:
     """One of two ranks, parameters sharded (FULL_SHARD), for every case: the units PartBlocks makes, and one SGD
     step on a batch (the same on both ranks), written as a full state dict."""

@@ -11,10 +11,10 @@ Lightning's own SIGTERM handling is replaced while the callback is active: its h
 broadcast inside the signal handler and stops each rank on its own flag, which hangs a DDP run when SIGTERM
 reaches a rank other than 0 only (one node of several preempted). Lightning restores its handlers at teardown.
 
-:class:`PartBlocks` is an FSDP auto-wrap (and activation-checkpointing) policy: every part of a family module
-(``vision_tower``, ``connector``, ``language_model``) and every transformer block of a part (the tower's
-:attr:`~lit_mllm.nn.vision.base.VisionTower.blocks`, the LLM's decoder layers) becomes its own FSDP unit. A stage
-freezes whole parts or whole blocks, so every unit's parameters are all trainable or all frozen.
+:class:`PartBlocks` is an FSDP auto-wrap (and activation-checkpointing) policy: every transformer block of the
+parts (the tower's :attr:`~lit_mllm.nn.vision.base.VisionTower.blocks`, the LLM's decoder layers), the vision
+tower and the connector become FSDP units of their own; the LLM's embeddings, final norm and head stay in the
+root. A stage freezes whole parts or whole blocks, so every unit's parameters are all trainable or all frozen.
 """
 
 from __future__ import annotations
@@ -89,13 +89,16 @@ class CheckpointOnSigterm(L.Callback):
 
 
 def part_blocks(part: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a part: a vision tower's ``blocks``, a language model's decoder layers, none
-    for other parts."""
+    """The transformer blocks of a part: a vision tower's ``blocks`` (none if it exposes none), a language model's
+    decoder layers; none for other parts."""
     from lit_mllm.nn.language.model import LanguageModel
     from lit_mllm.nn.vision.base import VisionTower
 
     if isinstance(part, VisionTower):
-        return list(part.blocks)
+        try:
+            return list(part.blocks)
+        except NotImplementedError:
+            return []
     if isinstance(part, LanguageModel):
         layers = getattr(part.model.get_decoder(), "layers", None)
         if not isinstance(layers, nn.ModuleList):
@@ -125,25 +128,50 @@ class PartBlocks(ModuleWrapPolicy):
         """
         super().__init__(set())
         self.wrap_parts = wrap_parts
+        self._parts: list[nn.Module] = []
+
+    def resolve(self, root: nn.Module) -> None:
+        """Read the block classes (and the parts to wrap) off the family module inside ``root``, which may be
+        wrapped in FSDP already (activation checkpointing is applied after FSDP)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        from lit_mllm.nn.language.model import LanguageModel
+        from lit_mllm.nn.vision.base import VisionTower
+
+        family = next((m for m in root.modules() if callable(getattr(m, "parts", None))), None)
+        if family is None:
+            raise TypeError(
+                f"PartBlocks wraps the parts of a lit_mllm family module; {type(root).__name__} holds none"
+            )
+        parts = family.parts()
+        carriers = [m for m in root.modules() if isinstance(m, VisionTower | LanguageModel)]
+        self._module_classes = {
+            type(b.module if isinstance(b, FullyShardedDataParallel) else b)
+            for m in carriers
+            for b in part_blocks(m)
+        }
+        self._module_classes_str = str(self._module_classes)
+        self._parts = [
+            p
+            for p in parts.values()
+            if self.wrap_parts and not isinstance(p, LanguageModel) and any(True for _ in p.parameters())
+        ]
 
     def _run_policy(
         self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
     ) -> dict[nn.Module, dict[str, Any]]:
-        from lit_mllm.nn.language.model import LanguageModel
-
-        family = next((m for m in root_module.modules() if callable(getattr(m, "parts", None))), None)
-        if family is None:
-            raise TypeError(
-                f"PartBlocks wraps the parts of a lit_mllm family module; {type(root_module).__name__} holds none"
-            )
-        parts = family.parts()
-        self._module_classes = {type(b) for p in parts.values() for b in part_blocks(p)}
-        self._module_classes_str = str(self._module_classes)
+        """FSDP's entry point: the modules to wrap, each with the root's FSDP arguments."""
+        self.resolve(root_module)
         targets = super()._run_policy(root_module, ignored_modules, root_kwargs)
-        if self.wrap_parts:
-            for part in parts.values():
-                if isinstance(part, LanguageModel) or part in ignored_modules:
-                    continue
-                if any(True for _ in part.parameters()):
-                    targets.setdefault(part, dict(root_kwargs))
+        for part in self._parts:
+            if part not in ignored_modules:
+                targets.setdefault(part, dict(root_kwargs))
         return targets
+
+    def __call__(self, module: nn.Module, recurse: bool, *args: Any, **kwargs: Any) -> bool:
+        """The recursive entry point (activation checkpointing calls it, the root first)."""
+        if not self._module_classes:
+            self.resolve(module)
+        if recurse:
+            return True
+        return isinstance(module, tuple(self._module_classes)) or any(module is p for p in self._parts)
