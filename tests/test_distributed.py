@@ -437,12 +437,6 @@ def _fsdp_fit_and_resume(rank: int, root: str, out: str) -> None:
     assert fit(4, str(path)).global_step == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VLMModule names trainable/frozen weights with named_parameters() at save/load time, which under FSDP "
-    "carries '_fsdp_wrapped_module.' (frozen weights saved, trainable ones reported missing), and sets "
-    "strict_loading=False only in on_load_checkpoint, after FSDP has loaded the weights strictly",
-)
 def test_fsdp_checkpoint_holds_trainable_weights_and_resumes(shapes_root, tmp_path):
     with child_env():
         run_forked(_fsdp_fit_and_resume, (str(shapes_root), str(tmp_path)), nprocs=1)

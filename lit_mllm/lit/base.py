@@ -70,6 +70,8 @@ class VLMModule(L.LightningModule):
         max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
+        # Checkpoints hold trainable weights only (on_load_checkpoint checks those); set before any strategy loads.
+        self.strict_loading = False
         if not isinstance(stage, StageSchedule):
             stage = StageSchedule([Milestone(0, stage or Stage())])
         self.schedule = stage  # the run's stages; a single stage is a schedule of one
@@ -257,8 +259,11 @@ class VLMModule(L.LightningModule):
 
     # -- checkpoints: trainable weights (+ optimizer state); frozen weights are rebuilt from their source --------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        if (
+            "state_dict" in checkpoint
+        ):  # absent when a strategy saves the weights itself (sharded FSDP / DeepSpeed)
+            frozen = trainable_names(self, trains=False)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["lit_mllm"] = {
             "stage": self.stage.name,
             "stage_index": self.stage_index,
@@ -266,7 +271,6 @@ class VLMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.strict_loading = False  # frozen weights are absent on purpose; trainable ones are checked here
         # Of a schedule, the stage that wrote the checkpoint (its optimizer state is in it); a milestone reached at
         # the checkpoint's step is entered at the next batch, as in an uninterrupted run.
         index = (checkpoint.get("lit_mllm") or {}).get("stage_index")
@@ -276,6 +280,8 @@ class VLMModule(L.LightningModule):
             self.stage_index = index
             self.stage = self.schedule.stages[index].stage
             apply_stage(self.parts(), self.stage)
+        if "state_dict" not in checkpoint:  # FSDP has loaded (and removed) the weights already
+            return
         trainable = trainable_names(self)
         missing = sorted(trainable - checkpoint["state_dict"].keys())
         if missing:

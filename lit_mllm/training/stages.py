@@ -199,9 +199,19 @@ def set_modes(parts: dict[str, nn.Module], stage: Stage) -> None:
             module.train(True)
 
 
-def trainable_names(module: nn.Module) -> set[str]:
-    """Names of the parameters of ``module`` that train."""
-    return {name for name, p in module.named_parameters() if p.requires_grad}
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def state_name(name: str) -> str:
+    """A parameter's name as state dicts write it: FSDP / activation-checkpoint / compile wrapper prefixes removed."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def trainable_names(module: nn.Module, trains: bool = True) -> set[str]:
+    """State-dict names of the parameters of ``module`` that train (``trains=False``: that are frozen)."""
+    return {state_name(name) for name, p in module.named_parameters() if p.requires_grad == trains}
 
 
 def param_groups(parts: dict[str, nn.Module], stage: Stage) -> list[dict]:
