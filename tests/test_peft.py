@@ -17,8 +17,9 @@ from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
+from lit_mllm.training.checkpoints import safe_globals
 from lit_mllm.training.peft import LoRA, adapter_parameter_count, has_adapters, merge_adapters
-from lit_mllm.training.stages import STAGE_TYPES, trainable_names, trainable_table
+from lit_mllm.training.stages import trainable_names, trainable_table
 from tests.conftest import tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -231,7 +232,7 @@ def test_checkpoint_holds_the_adapters_and_restores_them(tmp_path, shapes_root):
     )
     trainer.fit(model, dm)
     ckpt = next(tmp_path.glob("*.ckpt"))
-    with torch.serialization.safe_globals(list(STAGE_TYPES)):  # enough for a checkpoint holding LoRA stages
+    with torch.serialization.safe_globals(safe_globals()):  # enough for a checkpoint holding LoRA stages
         saved = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert set(saved["state_dict"]) == trainable_names(model)
     saved_numel = sum(v.numel() for v in saved["state_dict"].values())
@@ -243,7 +244,7 @@ def test_checkpoint_holds_the_adapters_and_restores_them(tmp_path, shapes_root):
     assert all(p.abs().sum() == 0 for n, p in fresh.named_parameters() if ".lora_B." in n)
     validator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1)
     with torch.serialization.safe_globals(
-        list(STAGE_TYPES)
+        safe_globals()
     ):  # the stage (with its LoRA) is in the hyperparameters
         validator.validate(fresh, dm, ckpt_path=str(ckpt), verbose=False)
     for name, value in trained_b.items():

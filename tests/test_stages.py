@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.training import Stage
+from lit_mllm.training.checkpoints import safe_globals
 from lit_mllm.training.peft import LoRA
-from lit_mllm.training.stages import STAGE_TYPES, Milestone, StageSchedule, trainable_names
+from lit_mllm.training.stages import Milestone, StageSchedule, trainable_names
 from tests.conftest import shapes_data, tiny_model
 
 
@@ -185,7 +186,7 @@ def fit_schedule(root, tmp_path, max_steps, ckpt_path=None, save_every=None, val
         limit_val_batches=1 if validate else 0,
         callbacks=callbacks,
     )
-    with torch.serialization.safe_globals(list(STAGE_TYPES)):  # the model's stages are in its hyperparameters
+    with torch.serialization.safe_globals(safe_globals()):  # the model's stages are in its hyperparameters
         trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model, watch, trainer
 
@@ -216,7 +217,7 @@ def test_schedule_switches_stage_and_optimizer_at_the_milestone(shapes_root, tmp
 def test_schedule_resumed_at_the_milestone_matches_an_uninterrupted_run(shapes_root, tmp_path):
     _, full, _ = fit_schedule(shapes_root, tmp_path / "full", max_steps=4, save_every=2)
     ckpt = next((tmp_path / "full").glob("*step=2*.ckpt"))
-    with torch.serialization.safe_globals(list(STAGE_TYPES)):
+    with torch.serialization.safe_globals(safe_globals()):
         saved = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert saved["lit_mllm"]["stage"] == "align" and saved["lit_mllm"]["stage_index"] == 0
     assert all(".lora_" not in k for k in saved["state_dict"])  # written before the switch

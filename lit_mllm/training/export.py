@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -84,11 +83,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu"), None
-    from lit_mllm.training.stages import STAGE_TYPES
+    from lit_mllm.training.checkpoints import read_checkpoint
 
     try:
-        with torch.serialization.safe_globals(list(STAGE_TYPES)):  # stored in hyper_parameters by a plain Trainer
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)  # weights_only=True, our stage dataclasses allowed
     except Exception as e:  # pickle errors come in many types; all mean the same here
         raise WeightsMismatch(
             f"could not read {path} as a Lightning checkpoint with weights_only=True ({type(e).__name__}: "

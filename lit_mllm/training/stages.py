@@ -152,12 +152,6 @@ class StageSchedule:
         return " -> ".join(f"{m.stage.name} (from step {m.at_step})" for m in self.stages)
 
 
-STAGE_TYPES = (Stage, Milestone, StageSchedule, LoRA)
-"""Classes a checkpoint's ``hyper_parameters`` hold when the model was built in Python (LightningCLI stores dicts):
-the allow-list for reading such a checkpoint with ``weights_only=True``
-(``with torch.serialization.safe_globals(list(STAGE_TYPES)): ...``)."""
-
-
 def apply_stage(parts: dict[str, nn.Module], stage: Stage) -> None:
     """Inject the stage's LoRA adapters (if not there yet), freeze every part, then unfreeze ``stage.trainable``,
     the ``train_last_blocks`` and the adapters of ``stage.lora``; set train/eval modes."""
