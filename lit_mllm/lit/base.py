@@ -40,23 +40,28 @@ class NoSupervisedTokens(ValueError):
     """A batch has nothing to learn: its loss would be a silent zero."""
 
 
-def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
-    """Mean next-token cross-entropy over supervised tokens (``labels != -100``), computed in fp32.
+def supervised(labels: Tensor) -> Tensor:
+    """``[R, L-1]`` mask of the positions whose next token is learned (``labels[:, 1:] != -100``)."""
+    return labels[:, 1:] != IGNORE_INDEX
 
-    ``logits [B, L, V]`` predict ``labels [B, L]`` shifted by one. A batch with no supervised token raises
-    :class:`NoSupervisedTokens` naming its samples.
-    """
-    target = labels[:, 1:]
-    supervised = int((target != IGNORE_INDEX).sum())
-    if supervised == 0:
+
+def token_losses(logits: Tensor, target: Tensor, ids: list[str] | None = None) -> Tensor:
+    """fp32 cross-entropy of each supervised position (``logits [S, V]``, ``target [S]``) -> ``[S]``.
+
+    A batch with no supervised token raises :class:`NoSupervisedTokens` naming its samples."""
+    if target.numel() == 0:
         raise NoSupervisedTokens(
             f"batch of samples {ids} has no supervised token (every label is -100); check the chat format "
             "and that each sample ends with a non-empty assistant reply"
         )
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss / supervised
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
+    """Mean next-token cross-entropy over supervised tokens: ``logits [B, L, V]`` predict ``labels [B, L]``
+    shifted by one (see :func:`token_losses`)."""
+    mask = supervised(labels)
+    return token_losses(logits[:, :-1][mask], labels[:, 1:][mask], ids).mean()
 
 
 class VLMModule(L.LightningModule):
@@ -186,17 +191,12 @@ class VLMModule(L.LightningModule):
         """``(logits [S, V], targets [S], sample index [S])`` at the ``S`` positions whose next token is learned.
 
         This default slices full logits; a family computes the vocabulary projection at those positions only."""
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, L-1]
+        mask = supervised(batch["labels"])  # [R, L-1]
         return self(batch)[:, :-1][mask], batch["labels"][:, 1:][mask], batch["sample_index"][:, 1:][mask]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits, target, which = self.supervised_logits(batch)
-        if target.numel() == 0:
-            raise NoSupervisedTokens(
-                f"batch of samples {batch['ids']} has no supervised token (every label is -100); check the chat "
-                "format and that each sample ends with a non-empty assistant reply"
-            )
-        losses = F.cross_entropy(logits.float(), target, reduction="none")  # [S]
+        losses = token_losses(logits, target, batch["ids"])  # [S]
         loss = losses.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -233,7 +233,7 @@ class VLMModule(L.LightningModule):
             return
         logits = self(batch)
         loss = lm_loss(logits, batch["labels"], batch["ids"])
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        tokens = supervised(batch["labels"]).sum()
         self.metrics[f"{split}_loss"].update(loss, weight=tokens)
         self.metrics[f"{split}_accuracy"].update(logits, batch["labels"])
         self.log(f"{split}/loss", self.metrics[f"{split}_loss"], prog_bar=True, batch_size=len(batch["ids"]))

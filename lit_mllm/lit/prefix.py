@@ -17,10 +17,9 @@ from torch import Tensor, nn
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
-from lit_mllm.lit.base import VLMModule
+from lit_mllm.lit.base import VLMModule, supervised
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector
 from lit_mllm.nn.fusion.prefix import splice_image_features
-from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.stages import Stage, StageSchedule
@@ -154,7 +153,7 @@ class PrefixFusionVLM(VLMModule):
         hidden = self.language_model.hidden_states(
             self.embed(batch), batch["attention_mask"], batch.get("position_ids")
         )  # [R, L, D]
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, L-1]
+        mask = supervised(batch["labels"])  # [R, L-1]
         logits = self.language_model.head(hidden[:, :-1][mask])  # [S, V]
         return logits, batch["labels"][:, 1:][mask], batch["sample_index"][:, 1:][mask]
 
