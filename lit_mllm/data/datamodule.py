@@ -347,9 +347,10 @@ class MixtureData(L.LightningDataModule):
                     f"data.max_bad_fraction={self.max_bad_fraction}; latest: {batch['skipped_messages'][-1:]}. "
                     "Run `lit-mllm validate-data --config ...` to list them"
                 )
-            good = sum(self.counts[f"source/{n}"] for n in self.sources("fit"))
+            names = list(self.sources("fit"))
+            good = sum(self.counts[f"source/{n}"] for n in names)
             batch["data_stats"] = {
-                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in self.sources("fit")},
+                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in names},
                 **{f"skipped/{r}": self.counts[f"skipped/{r}"] for r in REASONS},
             }
         for key in ("skipped", "skipped_messages", "seen", "position"):

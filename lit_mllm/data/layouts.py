@@ -54,7 +54,7 @@ class ImageLayout(ABC):
     def crops(self, image: Image.Image, size: int) -> list[Image.Image]:
         """The ``num_crops(*image.size, size)`` RGB crops, each exactly ``size x size``."""
         _check_dims(image.width, image.height, size)
-        return self._crops(image.convert("RGB"), size)
+        return self._crops(image if image.mode == "RGB" else image.convert("RGB"), size)
 
     @abstractmethod
     def _crops(self, image: Image.Image, size: int) -> list[Image.Image]: ...
