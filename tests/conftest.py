@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,3 +87,39 @@ def batch(shapes_root, model) -> dict:
     text_only.turns[0] = type(text_only.turns[0])("user", text_only.turns[0].text.replace("<image>\n", ""))
     items = [proc(s) for s in samples + [text_only]]
     return collate(items, pad_token_id=proc.tokenizer.pad_token_id)
+
+
+class Record(L.Callback):
+    """Sample ids, losses and data figures of every training step."""
+
+    def __init__(self) -> None:
+        self.ids, self.losses, self.stats = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ids.append(batch["ids"])
+        self.losses.append(float(outputs["loss"]))
+        self.stats.append(dict(batch.get("data_stats", {})))
+
+
+def tiny_fit(
+    model, data, max_steps, out=None, ckpt_path=None, save_every=None, callbacks=(), **trainer_kwargs
+):
+    """``Trainer.fit`` on CPU, quiet, no validation; with ``save_every`` a checkpoint every N steps into ``out``.
+    ``trainer_kwargs`` override the Trainer's settings. Returns the trainer."""
+    callbacks = list(callbacks)
+    if save_every:
+        callbacks.append(ModelCheckpoint(out, every_n_train_steps=save_every, save_top_k=-1))
+    settings = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": bool(save_every),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "callbacks": callbacks,
+        **trainer_kwargs,
+    }
+    trainer = L.Trainer(**settings)
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return trainer

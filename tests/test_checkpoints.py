@@ -18,13 +18,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_mllm.cli import run
 from lit_mllm.training import Stage
 from lit_mllm.training.callbacks import CheckpointOnSigterm
 from lit_mllm.training.checkpoints import AtomicCheckpointIO, UnsafeCheckpoint, atomic_save, read_checkpoint
-from tests.conftest import shapes_data, tiny_model
+from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -65,15 +64,6 @@ def test_plugin_writes_then_replaces(tmp_path):
 
 
 # -- weights_only reads -------------------------------------------------------------------------------------------
-class Record(L.Callback):
-    def __init__(self) -> None:
-        self.ids, self.losses = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ids.append(batch["ids"])
-        self.losses.append(float(outputs["loss"]))
-
-
 def fit(root, out, max_steps, ckpt_path=None, plugins=(), save_every=None, stage=None):
     """A plain Trainer (no CLI): the module's hyperparameters hold the Stage object itself."""
     model, record = (
@@ -82,21 +72,7 @@ def fit(root, out, max_steps, ckpt_path=None, plugins=(), save_every=None, stage
     )
     dm = shapes_data(root, batch_size=4, seed=5)
     dm.connect(model.processor())
-    callbacks = [record]
-    if save_every:
-        callbacks.append(ModelCheckpoint(out, every_n_train_steps=save_every, save_top_k=-1))
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        plugins=list(plugins),
-        enable_checkpointing=bool(save_every),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    tiny_fit(model, dm, max_steps, out, ckpt_path, save_every, callbacks=[record], plugins=list(plugins))
     return record
 
 

@@ -1,42 +1,17 @@
 """The training DataModule under Lightning: batches follow the mixture plan epoch by epoch, a run resumed
 mid-epoch sees exactly the samples (and losses) of an uninterrupted run, whatever the number of workers."""
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.conftest import shapes_data, tiny_model
-
-
-class Record(L.Callback):
-    def __init__(self) -> None:
-        self.ids, self.losses, self.stats = [], [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ids.append(batch["ids"])
-        self.losses.append(float(outputs["loss"]))
-        self.stats.append(dict(batch.get("data_stats", {})))
+from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 
 def fit(root, tmp_path, max_steps, ckpt_path=None, num_workers=0, save_every=None):
     model, record = tiny_model(), Record()
     dm = shapes_data(root, batch_size=4, num_workers=num_workers, seed=7)
     dm.connect(model.processor())
-    callbacks = [record]
-    if save_every:
-        callbacks.append(ModelCheckpoint(tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=bool(save_every),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    tiny_fit(model, dm, max_steps, tmp_path, ckpt_path, save_every, callbacks=[record])
     return record, dm
 
 

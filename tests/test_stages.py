@@ -8,14 +8,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.training import Stage
 from lit_mllm.training.checkpoints import safe_globals
 from lit_mllm.training.peft import LoRA
 from lit_mllm.training.stages import Milestone, StageSchedule, trainable_names
-from tests.conftest import shapes_data, tiny_model
+from tests.conftest import shapes_data, tiny_fit, tiny_model
 
 
 @pytest.mark.parametrize(
@@ -170,24 +169,20 @@ def fit_schedule(root, tmp_path, max_steps, ckpt_path=None, save_every=None, val
     model, watch = tiny_model(two_stages()), Watch()
     dm = shapes_data(root, batch_size=4, seed=3)
     dm.connect(model.processor())
-    callbacks = [watch]
-    if save_every:
-        callbacks.append(ModelCheckpoint(tmp_path, every_n_train_steps=save_every, save_top_k=-1))
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=bool(save_every),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        # validation after every step: frozen parts must come back in eval mode
-        val_check_interval=1 if validate else None,
-        limit_val_batches=1 if validate else 0,
-        callbacks=callbacks,
-    )
     with torch.serialization.safe_globals(safe_globals()):  # the model's stages are in its hyperparameters
-        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        trainer = tiny_fit(
+            model,
+            dm,
+            max_steps,
+            tmp_path,
+            ckpt_path,
+            save_every,
+            callbacks=[watch],
+            num_sanity_val_steps=0,
+            # validation after every step: frozen parts must come back in eval mode
+            val_check_interval=1 if validate else None,
+            limit_val_batches=1 if validate else 0,
+        )
     return model, watch, trainer
 
 
