@@ -71,11 +71,8 @@ def build(args: argparse.Namespace, trainable: list[str], name: str) -> PrefixFu
         num_layers=args.llm_layers,
         num_heads=args.llm_heads,
         num_kv_heads=args.llm_kv_heads,
+        vocab_size=args.vocab,
     )
-    if args.vocab is not None and args.vocab != lm.model.get_input_embeddings().num_embeddings:
-        if args.vocab < len(lm.tokenizer):
-            raise SystemExit(f"--vocab {args.vocab} is below the tokenizer's {len(lm.tokenizer)} tokens")
-        lm.model.resize_token_embeddings(args.vocab, mean_resizing=False)
     tower = TinyCLIPVision(
         image_size=args.image_size,
         patch_size=args.patch_size,

@@ -152,11 +152,8 @@ def build(args: argparse.Namespace, device: torch.device):
         num_kv_heads=args.llm_kv_heads,
         intermediate_size=args.llm_intermediate,
         max_length=args.pack_length,
+        vocab_size=args.vocab,
     )
-    if args.vocab is not None and args.vocab != lm.model.get_input_embeddings().num_embeddings:
-        if args.vocab < len(lm.tokenizer):
-            raise SystemExit(f"--vocab {args.vocab} is below the tokenizer's {len(lm.tokenizer)} tokens")
-        lm.model.resize_token_embeddings(args.vocab, mean_resizing=False)
     ours = PrefixFusionVLM(
         tower,
         lm,

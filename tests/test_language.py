@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -81,3 +82,12 @@ def test_tiny_presets_share_the_interface():
         logits = lm(lm.embed(ids))
         assert logits.shape == (1, 3, lm.model.config.vocab_size)
         assert lm.hidden_size == 32 and lm.image_token_id == lm.tokenizer.convert_tokens_to_ids("<image>")
+
+
+def test_tiny_lm_vocab_size_pads_the_tables_and_refuses_too_small():
+    lm = TinyLlama(hidden_size=32, num_layers=1, vocab_size=1000)
+    assert lm.model.get_input_embeddings().num_embeddings == 1000
+    assert lm.model.get_output_embeddings().weight.shape[0] == 1000
+    assert lm.image_token_id < len(lm.tokenizer) < 1000
+    with pytest.raises(ValueError, match="below the tiny tokenizer's"):
+        TinyLlama(hidden_size=32, num_layers=1, vocab_size=10)

@@ -202,14 +202,17 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _tiny_config(config_cls, **arch):
-    """A config of ``config_cls`` sized by ``arch``, with the shipped tiny tokenizer's vocabulary and ids."""
+def _tiny_config(config_cls, vocab_size: int | None = None, **arch):
+    """A config of ``config_cls`` sized by ``arch``, with the shipped tiny tokenizer's ids and vocabulary (or a
+    larger embedding table of ``vocab_size`` rows)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    if vocab_size is not None and vocab_size < len(tok):
+        raise ValueError(f"vocab_size={vocab_size} is below the tiny tokenizer's {len(tok)} tokens")
     arch["intermediate_size"] = arch["intermediate_size"] or 3 * arch["hidden_size"]
     config = config_cls(
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -236,6 +239,7 @@ class _TinyLM(LanguageModel):
         dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool | dict[str, Any] = False,
+        vocab_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -250,6 +254,8 @@ class _TinyLM(LanguageModel):
             dtype: Weight dtype (``bfloat16``, ``float16``, ``float32``); None keeps float32.
             gradient_checkpointing: Recompute each decoder layer in the backward pass, as in :class:`LanguageModel`.
             compile: ``torch.compile`` each decoder layer's forward, as in :class:`LanguageModel`.
+            vocab_size: Rows of the embedding and output tables; default the tiny tokenizer's size. Larger values
+                give a real LLM's vocabulary cost (32000 for Llama-2) to speed and memory measurements.
         """
         nn.Module.__init__(self)
         import transformers
@@ -257,6 +263,7 @@ class _TinyLM(LanguageModel):
         config_cls, model_cls = (getattr(transformers, name) for name in self._architecture)
         config, tok = _tiny_config(
             config_cls,
+            vocab_size,
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
