@@ -70,6 +70,9 @@ def test_caption_shards_and_manifests_give_the_same_samples(tmp_path):
     (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "a.png", "caption": "red"}) + "\n")
     (tmp_path / "caps.csv").write_text('image,caption\na.png,"red, plain"\n')
     jsonl, csv_ = Captions("caps.jsonl").open(tmp_path), Captions("caps.csv").open(tmp_path)
+    (tmp_path / "odd.jsonl").write_text('["a.png", "red"]\n')
+    with pytest.raises(DataError, match=r"odd.jsonl line 1: a record must be a JSON object, got list"):
+        Captions("odd.jsonl").open(tmp_path).sample(0, TOKEN)
     assert jsonl.sample(0, TOKEN).images == [str(tmp_path / "a.png")] == csv_.sample(0, TOKEN).images
     assert csv_.sample(0, TOKEN).turns[1].text == "red, plain"
     templated = Captions("caps.jsonl", template=PlainTasks()).open(tmp_path).sample(0, TOKEN)

@@ -81,6 +81,23 @@ class Source(ABC):
         """Parse record ``i``; raise :class:`DataError` (with its reason) when it cannot be used."""
 
 
+def _jsonl_lines(path: Path) -> list[tuple[str, str]]:
+    """``(where, line)`` of the non-blank lines of a JSON Lines file; each is parsed when drawn."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(f"{path} line {n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _json_object(where: str, line: str) -> dict:
+    """One JSON Lines record, which must be an object; :class:`DataError` naming ``where`` otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
 class _JsonRecords(Source):
     """Records of a ``.jsonl`` file (one per line, parsed lazily) or a ``.json`` list."""
 
@@ -90,13 +107,11 @@ class _JsonRecords(Source):
             raise DataError(
                 f"{path}: no such file (source path {self.path!r}, root {self.root})", "missing_file"
             )
-        text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
-            self._lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-            self._records = None
+            self._lines, self._records = _jsonl_lines(path), None
             return len(self._lines)
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
         if not isinstance(records, list):
@@ -106,15 +121,10 @@ class _JsonRecords(Source):
 
     def record(self, i: int) -> tuple[dict, str]:
         """Record ``i`` as a dict and where it is (for messages)."""
-        if self._records is not None:
-            record, where = self._records[i], f"{self.file} record {i}"
-        else:
-            n, line = self._lines[i]
-            where = f"{self.file} line {n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if self._records is None:
+            where, line = self._lines[i]
+            return _json_object(where, line), where
+        record, where = self._records[i], f"{self.file} record {i}"
         if not isinstance(record, dict):
             raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
         return record, where
@@ -217,10 +227,7 @@ class Captions(Source):
             if not self.file.is_file():
                 raise DataError(f"{self.file}: no such file", "missing_file")
             if suffix == ".jsonl":
-                lines = self.file.read_text(encoding="utf-8").splitlines()
-                self._rows = [
-                    (f"{self.file} line {n}", line) for n, line in enumerate(lines, 1) if line.strip()
-                ]
+                self._rows = _jsonl_lines(self.file)
             else:
                 with open(self.file, newline="", encoding="utf-8") as f:
                     self._rows = [(f"{self.file} row {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
@@ -234,10 +241,9 @@ class Captions(Source):
             try:
                 with tarfile.open(shard) as tar:
                     for m in tar:
+                        # webdataset: a sample's key is the member path up to the basename's first dot
                         folder, _, base = m.name.rpartition("/")
-                        if (
-                            m.isfile() and "." in base
-                        ):  # webdataset: key = path up to the basename's first dot
+                        if m.isfile() and "." in base:
                             stem, ext = base.split(".", 1)
                             key = f"{folder}/{stem}" if folder else stem
                             groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
@@ -256,11 +262,8 @@ class Captions(Source):
         rng = random.Random(f"{self.path}:{i}")
         if self._rows is not None:
             where, row = self._rows[i]
-            if isinstance(row, str):
-                try:
-                    row = json.loads(row)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if isinstance(row, str):  # a JSON Lines manifest; CSV rows are dicts already
+                row = _json_object(where, row)
             image, caption = row.get(self.image_column), row.get(self.caption_column)
             sample_id = str(row.get("id") or image or where)
             if not isinstance(image, str) or not image or not isinstance(caption, str):
