@@ -84,7 +84,7 @@ def loader_rate(root: Path, workers: int, batch_size: int) -> float:
     dm.setup("fit")
     loader = dm.train_dataloader()
     start = time.perf_counter()
-    n = sum(len(batch["ids"]) for batch in loader)  # includes worker start-up, as a real epoch does
+    n = sum(len(batch.ids) for batch, _ in loader)  # includes worker start-up, as a real epoch does
     return n / (time.perf_counter() - start)
 
 

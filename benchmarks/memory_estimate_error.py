@@ -162,11 +162,11 @@ def measure(case: Case, args: argparse.Namespace, data_root: Path) -> dict:
         )
     dm.prepare_data()
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    rows, length = batch["input_ids"].shape
-    images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
-    supervised = int((batch["labels"][:, 1:] != -100).sum())
-    padded = batch.get("attention_mask") is not None and not bool(batch["attention_mask"].all())
+    batch, _ = next(iter(dm.train_dataloader()))
+    rows, length = batch.input_ids.shape
+    images = 0 if batch.pixel_values is None else batch.pixel_values.shape[0]
+    supervised = int((batch.labels[:, 1:] != -100).sum())
+    padded = batch.attention_mask is not None and not bool(batch.attention_mask.all())
     estimate = estimate_memory(
         model,
         batch_size=rows,

@@ -48,7 +48,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_mllm.data import collate
+from lit_mllm.data import Batch, collate
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.nn.connectors import MLPConnector
 from lit_mllm.nn.language import TinyLlama
@@ -61,10 +61,10 @@ GIB = 2**30
 
 
 @dataclass
-class Batch:
-    packed: dict
+class Pair:
+    packed: Batch
     """Our training batch: packed rows, position ids, no attention mask."""
-    padded: dict
+    padded: Batch
     """The transformers batch: one right-padded row per sample, attention mask."""
     tokens: int
     """Real tokens (image tokens included, padding excluded)."""
@@ -110,7 +110,7 @@ def make_item(
     }
 
 
-def make_batches(args: argparse.Namespace, meta: dict, device: torch.device) -> list[Batch]:
+def make_batches(args: argparse.Namespace, meta: dict, device: torch.device) -> list[Pair]:
     rng = random.Random(args.seed)
     lo, hi = math.log(args.text_min), math.log(args.text_max)
     batches = []
@@ -124,13 +124,9 @@ def make_batches(args: argparse.Namespace, meta: dict, device: torch.device) -> 
         packed = collate(items, pad, pack_length=args.pack_length)
         padded = collate(items, pad)
         tokens = sum(len(it["input_ids"]) for it in items)
-        supervised = int((packed["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batches.append(Batch(to_device(packed, device), to_device(padded, device), tokens, supervised))
+        supervised = int((packed.labels[:, 1:] != IGNORE_INDEX).sum())
+        batches.append(Pair(packed.to(device), padded.to(device), tokens, supervised))
     return batches
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -202,19 +198,19 @@ def autocast(args: argparse.Namespace, device: torch.device):
     return contextlib.nullcontext()
 
 
-def ours_loss(model: PrefixFusionVLM, batch: Batch, args, device) -> torch.Tensor:
+def ours_loss(model: PrefixFusionVLM, batch: Pair, args, device) -> torch.Tensor:
     with autocast(args, device):
         return model.training_step(batch.packed, 0)
 
 
-def hf_loss(model, batch: Batch, args, device) -> torch.Tensor:
+def hf_loss(model, batch: Pair, args, device) -> torch.Tensor:
     b = batch.padded
     with autocast(args, device):
         return model(
-            input_ids=b["input_ids"],
-            pixel_values=b["pixel_values"],
-            attention_mask=b["attention_mask"],
-            labels=b["labels"],
+            input_ids=b.input_ids,
+            pixel_values=b.pixel_values,
+            attention_mask=b.attention_mask,
+            labels=b.labels,
         ).loss
 
 
@@ -223,7 +219,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(loss_fn, model, optimizer, batch: Batch, args, device, timing: Timing | None) -> float:
+def step(loss_fn, model, optimizer, batch: Pair, args, device, timing: Timing | None) -> float:
     """One optimizer step; returns its wall time (CUDA synchronised around it)."""
     sync(device)
     if device.type == "cuda" and timing is not None:
@@ -242,7 +238,7 @@ def step(loss_fn, model, optimizer, batch: Batch, args, device, timing: Timing |
     return seconds
 
 
-def check_same_loss(ours, hf, batch: Batch, args, device) -> tuple[float, float]:
+def check_same_loss(ours, hf, batch: Pair, args, device) -> tuple[float, float]:
     """Both models' loss on one batch before any step: the same model on the same samples must agree."""
     with torch.no_grad():
         a, b = float(ours_loss(ours, batch, args, device)), float(hf_loss(hf, batch, args, device))
@@ -294,17 +290,17 @@ def report(result: dict, args: argparse.Namespace) -> float:
     batches, timings, meta = result["batches"], result["timings"], result["meta"]
     tokens = sum(b.tokens for b in batches)
     positions = {
-        "ours": sum(b.packed["input_ids"].numel() for b in batches),
-        "transformers": sum(b.padded["input_ids"].numel() for b in batches),
+        "ours": sum(b.packed.input_ids.numel() for b in batches),
+        "transformers": sum(b.padded.input_ids.numel() for b in batches),
     }
-    rows = {"ours": sum(b.packed["input_ids"].shape[0] for b in batches)}
-    rows["transformers"] = sum(b.padded["input_ids"].shape[0] for b in batches)
+    rows = {"ours": sum(b.packed.input_ids.shape[0] for b in batches)}
+    rows["transformers"] = sum(b.padded.input_ids.shape[0] for b in batches)
     logits = {"ours": sum(b.supervised for b in batches), "transformers": positions["transformers"]}
     per_pass = {name: [tokens / sum(p) for p in t.seconds] for name, t in timings.items()}
     tps = {name: statistics.median(v) for name, v in per_pass.items()}
     ratios = [a / b for a, b in zip(per_pass["ours"], per_pass["transformers"])]
     cuda = args.device.startswith("cuda")
-    text_only = sum(b.padded["images_per_row"].count(0) for b in batches)
+    text_only = sum(b.padded.images_per_row.count(0) for b in batches)
     samples = len(batches) * args.batch
 
     print(

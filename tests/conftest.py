@@ -96,9 +96,10 @@ class Record(L.Callback):
         self.ids, self.losses, self.stats = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ids.append(batch["ids"])
+        self.ids.append(batch.ids)
         self.losses.append(float(outputs["loss"]))
-        self.stats.append(dict(batch.get("data_stats", {})))
+        stats = getattr(trainer.datamodule, "stats", None)
+        self.stats.append(stats() if stats is not None else {})
 
 
 def tiny_fit(

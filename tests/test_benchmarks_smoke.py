@@ -64,9 +64,9 @@ def test_train_speedup_vs_hf_smallest(capsys, same_threads):
     ours, theirs = result["losses"]
     assert ours == pytest.approx(theirs, rel=1e-4)
     for batch in result["batches"]:  # same samples: packing keeps every real token in fewer positions
-        assert int((batch.packed["sample_index"] >= 0).sum()) == batch.tokens
-        assert int(batch.padded["attention_mask"].sum()) == batch.tokens
-        assert batch.packed["input_ids"].numel() <= batch.padded["input_ids"].numel()
+        assert int((batch.packed.sample_index >= 0).sum()) == batch.tokens
+        assert int(batch.padded.attention_mask.sum()) == batch.tokens
+        assert batch.packed.input_ids.numel() <= batch.padded.input_ids.numel()
 
 
 def test_checkpoint_overhead_smallest(capsys, same_threads):

@@ -129,7 +129,7 @@ class PauseAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rank = trainer.global_rank
-        self.rows.append({"ids": batch["ids"], "loss": float(outputs["loss"])})
+        self.rows.append({"ids": batch.ids, "loss": float(outputs["loss"])})
         Path(f"{self.marker}{rank}.json").write_text(json.dumps(self.rows))
         if trainer.global_step != self.step:
             return

@@ -86,7 +86,7 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root):
             *small(shapes_root, tmp_path),
             "--ckpt_path",
             str(ckpt),
-            "--model.init_args.max_new_tokens",
+            "--model.init_args.generation.max_new_tokens",
             "4",
         ]
     )
@@ -96,7 +96,7 @@ def test_run_folder_then_validate_test_predict(tmp_path, shapes_root):
     ]
     expected = json.loads((shapes_root / "test.json").read_text())
     assert [r["id"] for r in rows] == [r["id"] for r in expected]
-    assert [r["reference"] for r in rows] == [r["conversations"][-1]["value"] for r in expected]
+    assert [r["references"] for r in rows] == [[r["conversations"][-1]["value"]] for r in expected]
     assert all(isinstance(r["answer"], str) and r["answer"] == r["answer"].strip() for r in rows)
 
 

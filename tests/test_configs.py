@@ -56,7 +56,7 @@ def test_config_parses_and_instantiates(path, tiny_hub, shapes_root, tmp_path):
     assert isinstance(cli.model, PrefixFusionVLM)
     assert cli.datamodule.processor is not None  # connected by the CLI
     cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    batch, _ = next(iter(cli.datamodule.train_dataloader()))
     assert cli.model.training_step(batch, 0).isfinite()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lit_mllm.nn.connectors as connectors
-from lit_mllm.lit.prefix import connector_flops
+from lit_mllm.nn.connectors import connector_flops
 from lit_mllm.nn.connectors import Connector
 
 
@@ -84,7 +84,7 @@ def test_trains_inside_the_prefix_family(cls, shapes_root):
     batch = collate(
         [proc(s) for s in read_llava(shapes_root / "train.json")[:2]], proc.tokenizer.pad_token_id
     )
-    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 2 * model.tokens_per_image
+    assert int((batch.input_ids == proc.image_token_id).sum()) == 2 * model.tokens_per_image
     loss = model.training_step(batch, 0)
     loss.backward()
     assert loss.isfinite() and all(

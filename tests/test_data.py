@@ -112,21 +112,21 @@ def test_processor_expands_images_and_masks(shapes_root, model):
     assert (labels[is_img] == IGNORE_INDEX).all()
     assert item["pixel_values"].shape == (1, 3, 32, 32)
     gen = proc(sample, for_generation=True)
-    assert gen["reference"] == sample.turns[-1].text
+    assert gen["references"] == [sample.turns[-1].text]
     assert (gen["labels"] != IGNORE_INDEX).sum() > 0  # earlier replies stay supervised in the prompt
 
 
 def test_collate_pads_right_and_left(batch, model, shapes_root):
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
-    assert batch["images_per_row"] == [1, 1, 1, 1, 0]
-    assert batch["pixel_values"].shape[0] == 4
-    lengths = batch["attention_mask"].sum(1)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    assert batch.images_per_row == [1, 1, 1, 1, 0]
+    assert batch.pixel_values.shape[0] == 4
+    lengths = batch.attention_mask.sum(1)
     for b, n in enumerate(lengths):
-        assert batch["attention_mask"][b, :n].all() and not batch["attention_mask"][b, n:].any()
+        assert batch.attention_mask[b, :n].all() and not batch.attention_mask[b, n:].any()
     proc = model.processor()
     items = [proc(s, for_generation=True) for s in read_llava(shapes_root / "val.json")[:3]]
     left = collate(items, proc.tokenizer.pad_token_id, padding_side="left")
-    assert left["attention_mask"][:, -1].all()
+    assert left.attention_mask[:, -1].all()
 
 
 def test_datamodule_generates_once_and_loads(tmp_path, model):
@@ -144,7 +144,7 @@ def test_datamodule_generates_once_and_loads(tmp_path, model):
         dm.setup("fit")
     dm.connect(model.processor())
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 3
+    batch, _ = next(iter(dm.train_dataloader()))
+    assert batch.input_ids.shape[0] == 3
     with pytest.raises(ValueError, match="exceeds the language model's context"):
         shapes_data(root, max_length=10**6).connect(model.processor())

@@ -71,7 +71,7 @@ def test_mm1_mixture_parses_and_packs(world):
     weights = {n: s.weight for n, s in cli.datamodule.splits["fit"].items()}
     assert weights == {"interleaved": 45, "captions": 45, "text": 10}
     cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
-    assert batch["attention_mask"] is None and batch["position_ids"] is not None  # packed
-    assert len(batch["ids"]) == 10 and batch["input_ids"].shape[0] < 10
+    batch, _ = next(iter(cli.datamodule.train_dataloader()))
+    assert batch.attention_mask is None and batch.position_ids is not None  # packed
+    assert len(batch.ids) == 10 and batch.input_ids.shape[0] < 10
     assert cli.model.training_step(batch, 0).isfinite()

@@ -20,7 +20,7 @@ def test_batches_follow_the_plan_across_epochs(shapes_root, tmp_path):
     plan = [b for e in (0, 1) for b in dm.mixture().batches(e)]
     source = dm.sources("fit")["shapesworld"]
     assert record.ids == [[source.sample(i, "<image>").id for _, i in b] for b in plan[:9]]
-    assert record.stats[-1]["ratio/shapesworld"] == 1.0
+    assert record.stats[-1]["data/ratio/shapesworld"] == 1.0
 
 
 def test_mid_epoch_resume_sees_the_same_samples_and_losses(shapes_root, tmp_path):

@@ -84,8 +84,8 @@ class Record(L.Callback):
             {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
             Path(self.out) / f"params{rank}.pt",
         )
-        ids = [b["ids"] for b in self.batches]
-        images = [b["pixel_values"] is not None for b in self.batches]
+        ids = [b.ids for b in self.batches]
+        images = [b.pixel_values is not None for b in self.batches]
         (Path(self.out) / f"rank{rank}.json").write_text(json.dumps({"ids": ids, "images": images}))
 
 

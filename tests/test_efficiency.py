@@ -547,7 +547,7 @@ def test_efficiency_overlay_stacks_on_the_quickstart(path, shapes_root, tmp_path
     effect_of(path.name, cli)
     if path.name not in ("fp16.yaml", "adamw8bit.yaml", "compile.yaml"):  # a CPU step means something
         cli.datamodule.setup("fit")
-        batch = next(iter(cli.datamodule.train_dataloader()))
+        batch, _ = next(iter(cli.datamodule.train_dataloader()))
         with cli.trainer.precision_plugin.forward_context():
             loss = cli.model.train().training_step(batch, 0)
         loss.backward()
@@ -558,7 +558,7 @@ def test_bf16_mixed_quickstart_step_close_to_fp32(shapes_root, tmp_path):
     """The quickstart model, one batch: the bf16-mixed loss is finite and within 1% of the fp32 loss."""
     cli = build_stack(["bf16.yaml"], shapes_root, tmp_path)
     cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    batch, _ = next(iter(cli.datamodule.train_dataloader()))
     model = cli.model.train()
     fp32 = model.training_step(batch, 0).detach()
     with cli.trainer.precision_plugin.forward_context():

@@ -69,11 +69,11 @@ def assert_same_logits(model, llava, batch) -> None:
     with torch.no_grad():
         ours = model(batch)
         theirs = llava(
-            input_ids=batch["input_ids"],
-            pixel_values=normalize(batch["pixel_values"], model.vision_tower.mean, model.vision_tower.std),
-            attention_mask=batch["attention_mask"],
+            input_ids=batch.input_ids,
+            pixel_values=normalize(batch.pixel_values, model.vision_tower.mean, model.vision_tower.std),
+            attention_mask=batch.attention_mask,
         ).logits
-    mask = batch["attention_mask"].bool()
+    mask = batch.attention_mask.bool()
     assert ours.abs().max() > 1.0
     torch.testing.assert_close(theirs[mask], ours[mask], rtol=1e-5, atol=1e-5)
 
@@ -155,8 +155,8 @@ def test_processor_folder_prepares_inputs_as_we_do(tmp_path, shapes_root, layout
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     theirs = processor(images=Image.open(tmp_path / "image.png"), text=text, return_tensors="pt")
-    assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
-    pixels = normalize(ours["pixel_values"], model.vision_tower.mean, model.vision_tower.std)
+    assert theirs["input_ids"].tolist() == ours.input_ids.tolist()
+    pixels = normalize(ours.pixel_values, model.vision_tower.mean, model.vision_tower.std)
     torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-6)
     llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
     assert_same_logits(model, llava, ours)

@@ -27,12 +27,12 @@ def test_kv_cache_gives_the_same_tokens(shapes_root):
     _sharpen(model)
     proc, items = _prompts(model, shapes_root)
     batch = collate(items, proc.tokenizer.pad_token_id, padding_side="left")
-    embeds = model.embed(batch)
+    embeds = model.inputs(batch).embeds
     with_cache = model.language_model.generate(
-        embeds, batch["attention_mask"], max_new_tokens=8, do_sample=False, use_cache=True
+        embeds, batch.attention_mask, max_new_tokens=8, do_sample=False, use_cache=True
     )
     without = model.language_model.generate(
-        embeds, batch["attention_mask"], max_new_tokens=8, do_sample=False, use_cache=False
+        embeds, batch.attention_mask, max_new_tokens=8, do_sample=False, use_cache=False
     )
     assert torch.equal(with_cache, without)
 
@@ -43,7 +43,7 @@ def test_greedy_generation_equals_teacher_forced_argmax(shapes_root):
     proc, items = _prompts(model, shapes_root)
     batch = collate(items, proc.tokenizer.pad_token_id, padding_side="left")
     new = model.language_model.generate(
-        model.embed(batch), batch["attention_mask"], max_new_tokens=6, do_sample=False
+        model.inputs(batch).embeds, batch.attention_mask, max_new_tokens=6, do_sample=False
     )
     eos = proc.tokenizer.eos_token_id
     forced = []
@@ -59,7 +59,7 @@ def test_greedy_generation_equals_teacher_forced_argmax(shapes_root):
         )
     right = collate(forced, proc.tokenizer.pad_token_id)
     with torch.no_grad():
-        correct, total = reply_exact_match(model(right), right["labels"])
+        correct, total = reply_exact_match(model(right), right.labels)
     assert int(total) == len(items) and int(correct) == len(items)
 
 
@@ -68,4 +68,4 @@ def test_predict_step_returns_answers_with_references(shapes_root):
     proc, items = _prompts(model, shapes_root, n=2)
     out = model.predict_step(collate(items, proc.tokenizer.pad_token_id, padding_side="left"), 0)
     assert [o["id"] for o in out] == [it["id"] for it in items]
-    assert all(isinstance(o["answer"], str) and o["reference"] for o in out)
+    assert all(isinstance(o["answer"], str) and o["references"] for o in out)

@@ -70,13 +70,13 @@ def test_logits_and_loss_match_transformers_llava(tmp_path, shapes_root):
 
     with torch.no_grad():
         expected = ref(
-            input_ids=batch["input_ids"],
-            pixel_values=normalize(batch["pixel_values"], ours.vision_tower.mean, ours.vision_tower.std),
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
+            input_ids=batch.input_ids,
+            pixel_values=normalize(batch.pixel_values, ours.vision_tower.mean, ours.vision_tower.std),
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
         )
         logits = ours(batch)
-    mask = batch["attention_mask"].bool()
+    mask = batch.attention_mask.bool()
     assert logits.abs().max() > 1.0
     torch.testing.assert_close(logits[mask], expected.logits[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lm_loss(logits, batch["labels"]), expected.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lm_loss(logits, batch.labels), expected.loss, rtol=1e-6, atol=1e-6)

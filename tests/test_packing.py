@@ -40,28 +40,28 @@ def test_packed_batch_keeps_every_token_and_image_span(specs):
     items = [fake_item(k, t, i) for k, (t, i) in enumerate(specs)]
     limit = max(len(it["input_ids"]) for it in items) + 5
     batch = collate(items, pad_token_id=0, pack_length=limit)
-    assert batch["attention_mask"] is None and batch["input_ids"].shape[1] <= limit
+    assert batch.attention_mask is None and batch.input_ids.shape[1] <= limit
     pixels_in_order = []
     for k, it in enumerate(items):
-        where = (batch["sample_index"] == k).nonzero()
+        where = (batch.sample_index == k).nonzero()
         rows = where[:, 0].unique()
         assert len(rows) == 1  # a sample (and its image span) lives in one row
         cols = where[:, 1]
         assert (cols == torch.arange(cols[0], cols[0] + len(it["input_ids"]))).all()  # contiguous
         r = int(rows[0])
-        assert torch.equal(batch["input_ids"][r, cols], it["input_ids"])
-        assert torch.equal(batch["position_ids"][r, cols], torch.arange(len(cols)))
-        assert batch["labels"][r, cols[0]] == IGNORE_INDEX
-        assert torch.equal(batch["labels"][r, cols[1:]], it["labels"][1:])
-    for r in range(batch["input_ids"].shape[0]):  # tower inputs in reading order, row by row
-        for k in batch["sample_index"][r].unique_consecutive().tolist():
+        assert torch.equal(batch.input_ids[r, cols], it["input_ids"])
+        assert torch.equal(batch.position_ids[r, cols], torch.arange(len(cols)))
+        assert batch.labels[r, cols[0]] == IGNORE_INDEX
+        assert torch.equal(batch.labels[r, cols[1:]], it["labels"][1:])
+    for r in range(batch.input_ids.shape[0]):  # tower inputs in reading order, row by row
+        for k in batch.sample_index[r].unique_consecutive().tolist():
             if k >= 0 and items[k]["pixel_values"] is not None:
                 pixels_in_order.append(items[k]["pixel_values"])
     if pixels_in_order:
-        assert torch.equal(batch["pixel_values"], torch.cat(pixels_in_order))
-    assert sum(batch["images_per_row"]) == sum(i for _, i in specs)
+        assert torch.equal(batch.pixel_values, torch.cat(pixels_in_order))
+    assert sum(batch.images_per_row) == sum(i for _, i in specs)
     real = sum(len(it["input_ids"]) for it in items)
-    assert int((batch["sample_index"] >= 0).sum()) == real
+    assert int((batch.sample_index >= 0).sum()) == real
 
 
 def test_packed_logits_equal_each_samples_own(model, shapes_root):
@@ -72,12 +72,12 @@ def test_packed_logits_equal_each_samples_own(model, shapes_root):
     items = [proc(s) for s in samples]
     longest = max(len(it["input_ids"]) for it in items)
     packed = collate(items, proc.tokenizer.pad_token_id, pack_length=3 * longest)
-    assert packed["input_ids"].shape[0] < len(items)  # several samples share a row
+    assert packed.input_ids.shape[0] < len(items)  # several samples share a row
     with torch.no_grad():
         logits = model(packed)
         for k, it in enumerate(items):
             alone = model(collate([it], proc.tokenizer.pad_token_id))[0]
-            r, c = (packed["sample_index"] == k).nonzero(as_tuple=True)
+            r, c = (packed.sample_index == k).nonzero(as_tuple=True)
             torch.testing.assert_close(logits[r, c], alone, rtol=1e-4, atol=1e-4)
 
 

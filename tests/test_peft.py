@@ -113,7 +113,7 @@ def test_pink_style_adapters_in_the_tower_run_it_with_autograd(batch):
     tower = model.vision_tower
     assert all(p.requires_grad == (".lora_" in n) for n, p in tower.named_parameters())
     assert not any(m.training for n, m in tower.named_modules() if n and "lora_" not in n)
-    out = model.encode_images(batch["pixel_values"])
+    out = model.encode_images(batch.pixel_values)
     assert out.requires_grad
     model.training_step(batch, 0).backward()
     tower_adapters = [p for n, p in tower.named_parameters() if ".lora_B." in n]
@@ -287,7 +287,7 @@ def test_llava_export_after_a_lora_stage_gives_our_logits(tmp_path, shapes_root)
     merged = with_adapters_merged(model)
     with torch.no_grad():  # our adapted model: W x + B A x rounds differently from (W + B A) x
         adapted, merged = model(batch), merged(batch)
-    mask = batch["attention_mask"].bool()
+    mask = batch.attention_mask.bool()
     torch.testing.assert_close(merged[mask], adapted[mask], rtol=1e-4, atol=1e-4 * adapted.abs().max().item())
 
 
@@ -372,7 +372,7 @@ def test_export_command_merges_a_lora_run(tmp_path, shapes_root):
     batch = batch_of(model, shapes_root)
     with torch.no_grad():
         ours = model(batch)
-    mask = batch["attention_mask"].bool()
+    mask = batch.attention_mask.bool()
     assert ours.abs().max() > 0.5
     tol = dict(rtol=1e-4, atol=1e-4 * ours.abs().max().item())
 
@@ -382,9 +382,9 @@ def test_export_command_merges_a_lora_run(tmp_path, shapes_root):
     )
     with torch.no_grad():
         theirs = llava.eval()(
-            input_ids=batch["input_ids"],
-            pixel_values=normalize(batch["pixel_values"], model.vision_tower.mean, model.vision_tower.std),
-            attention_mask=batch["attention_mask"],
+            input_ids=batch.input_ids,
+            pixel_values=normalize(batch.pixel_values, model.vision_tower.mean, model.vision_tower.std),
+            attention_mask=batch.attention_mask,
         ).logits
     torch.testing.assert_close(theirs[mask], ours[mask], **tol)
 

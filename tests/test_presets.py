@@ -114,7 +114,7 @@ def one_thread():
 def first_batch(cli) -> dict:
     assert cli.datamodule.processor is not None  # connected by the CLI
     cli.datamodule.setup("fit")
-    return next(iter(cli.datamodule.train_dataloader()))
+    return next(iter(cli.datamodule.train_dataloader()))[0]
 
 
 # -- the files themselves ----------------------------------------------------------------------------------------

@@ -164,10 +164,11 @@ def test_skip_policy_counts_each_reason_and_never_resamples(bad_folder, model):
     dm = data(bad_folder, on_bad_sample="skip", max_bad_fraction=1.0)
     dm.connect(model.processor())
     dm.setup("fit")
-    (batch,) = list(dm.train_dataloader())
-    assert sorted(batch["ids"]) == [f"ok{i}" for i in range(5)]  # three dropped, none drawn in their place
-    assert batch["skipped"] == Counter({"undecodable_image": 1, "missing_file": 1, "image_mismatch": 1})
-    assert any("twice" in m for m in batch["skipped_messages"])
+    ((batch, report),) = list(dm.train_dataloader())
+    assert sorted(batch.ids) == [f"ok{i}" for i in range(5)]  # three dropped, none drawn in their place
+    assert report.seen == 8
+    assert report.skipped == Counter({"undecodable_image": 1, "missing_file": 1, "image_mismatch": 1})
+    assert any("twice" in m for m in report.messages)
 
 
 def test_fail_policy_names_the_record(bad_folder, model):
@@ -184,7 +185,7 @@ def test_run_stops_above_the_bad_fraction(bad_folder, model):
     dm.setup("fit")
 
     class Trainer:  # what the DataModule asks of its trainer
-        training, global_rank, world_size, current_epoch = True, 0, 1, 0
+        training, global_rank, world_size, current_epoch, global_step, loggers = True, 0, 1, 0, 0, []
 
     dm.trainer = Trainer()
     with pytest.raises(

@@ -50,7 +50,7 @@ def test_frozen_tower_runs_without_autograd(batch):
         seen["grad"] = output.requires_grad
 
     model.vision_tower.register_forward_hook(hook)
-    loss = model.encode_images(batch["pixel_values"]).square().mean()
+    loss = model.encode_images(batch.pixel_values).square().mean()
     loss.backward()
     assert seen["grad"] is False
     assert all(p.grad is not None for p in model.connector.parameters())

@@ -1,6 +1,7 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
 (tokenize + expand image tokens), collation and packing, the DataModule, and ShapesWorld."""
 
+from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.collate import collate, pack
 from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
 from lit_mllm.data.layouts import AnyRes, Catty, ImageLayout, Letterbox, MM1SubImages, Resize, ResizeCrop
@@ -45,6 +46,8 @@ __all__ = [
     "Source",
     "TaskTemplate",
     "TextOnly",
+    "Batch",
+    "LoaderReport",
     "collate",
     "pack",
     "read_llava",

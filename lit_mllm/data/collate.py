@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from lit_mllm.data.batch import Batch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 
 
@@ -70,21 +71,19 @@ def pack(lengths: list[int], max_length: int, extra_rows: int = 2) -> list[list[
 
 def collate(
     items: list[dict], pad_token_id: int, padding_side: str = "right", pack_length: int | None = None
-) -> dict:
-    """Pad (or pack) processed samples into a batch.
+) -> Batch:
+    """Pad (or pack) processed samples into a :class:`~lit_mllm.data.batch.Batch`.
 
-    Returns ``input_ids`` / ``labels`` / ``sample_index`` ``[R, L]`` (``sample_index``: which sample of ``ids``
-    each position belongs to, -1 on padding), ``attention_mask`` ``[R, L]`` (None when packed: positions say
-    where samples start), ``position_ids`` ``[R, L]`` when packed, ``pixel_values`` ``[I, 3, S, S]`` (all tower
-    inputs of the batch in reading order) or None, ``images_per_row``, ``ids``, ``sources``, ``row_names``.
-    Without packing a row is a sample (``R = B``). Generation batches (``padding_side="left"``) also carry
-    ``reference`` / ``prompt`` lists.
+    Without packing a row is a sample (``R = B``); with ``pack_length`` rows hold whole samples (positions restart
+    per sample, no attention mask). Generation items (``padding_side="left"``) also give ``prompts`` and
+    ``references``; items that carry a processed prompt (``"generation"``) give the batch's ``generation`` batch.
+    No item gives an empty batch (every sample of it was bad and skipped).
     """
     if pack_length is not None and padding_side != "right":
         raise ValueError("packing is for training batches (right padding)")
     lengths = [len(it["input_ids"]) for it in items]
     rows = pack(lengths, pack_length) if pack_length else [[i] for i in range(len(items))]
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -108,19 +107,24 @@ def collate(
         if pack_length:  # padding continues the positions so it never joins a sample's attention block
             position_ids[r, start:] = torch.arange(width - start) + position_ids[r, start - 1] + 1
     packed = pack_length is not None
-    out = {
-        "ids": [it["id"] for it in items],
-        "sources": [it.get("source", "") for it in items],
-        "row_names": ["+".join(items[i]["id"] for i in row) for row in rows],
-        "input_ids": input_ids,
-        "labels": labels,
-        "sample_index": sample_index,
-        "attention_mask": None if packed else attention_mask,
-        "position_ids": position_ids if packed else None,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "images_per_row": [sum(items[i]["num_images"] for i in row) for row in rows],
-    }
-    for key in ("reference", "prompt"):
-        if key in items[0]:
-            out[key] = [it[key] for it in items]
-    return out
+    generating = bool(items) and "references" in items[0]
+    with_prompts = bool(items) and "generation" in items[0]
+    return Batch(
+        ids=[it["id"] for it in items],
+        sources=[it.get("source", "") for it in items],
+        row_names=["+".join(items[i]["id"] for i in row) for row in rows],
+        input_ids=input_ids,
+        labels=labels,
+        sample_index=sample_index,
+        attention_mask=None if packed else attention_mask,
+        position_ids=position_ids if packed else None,
+        pixel_values=torch.cat(pixels) if pixels else None,
+        images_per_row=[sum(items[i]["num_images"] for i in row) for row in rows],
+        prompts=[it["prompt"] for it in items] if generating else None,
+        references=[it["references"] for it in items] if generating else None,
+        generation=(
+            collate([it["generation"] for it in items], pad_token_id, padding_side="left")
+            if with_prompts
+            else None
+        ),
+    )

@@ -36,6 +36,7 @@ from typing import Literal, Protocol, runtime_checkable
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.collate import collate
 from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
@@ -55,24 +56,22 @@ class DatasetGenerator(Protocol):
 
 
 class _Loader:
-    """Parses and processes drawn records under the bad-sample policy; shared by training and eval datasets."""
+    """Parses and processes drawn records under the bad-sample policy; shared by training and eval datasets.
 
-    def __init__(
-        self, sources: dict[str, Source], processor: Processor, policy: str, for_generation: bool
-    ) -> None:
-        self.sources, self.processor, self.policy, self.for_generation = (
-            sources,
-            processor,
-            policy,
-            for_generation,
-        )
+    ``split`` decides the form: ``predict`` gives prompt-only samples; ``validate``/``test`` add the prompt-only
+    form when the processor asks for it (generation metrics)."""
+
+    def __init__(self, sources: dict[str, Source], processor: Processor, policy: str, split: str) -> None:
+        self.sources, self.processor, self.policy = sources, processor, policy
+        self.for_generation = split == "predict"
+        self.with_prompt = split in ("validate", "test") and processor.eval_prompts
 
     def item(self, name: str, index: int) -> dict:
         """A processed sample, or ``{"skipped": reason, "message": ...}`` under the skip policy."""
         try:
             sample = self.sources[name].sample(index, self.processor.image_token)
             sample.source = name
-            return self.processor(sample, self.for_generation)
+            return self.processor(sample, self.for_generation, self.with_prompt)
         except DataError as e:
             if self.policy == "fail":
                 raise DataError(
@@ -82,14 +81,16 @@ class _Loader:
                 ) from None
             return {"skipped": e.reason, "message": f"[source {name!r}] {e}"}
 
-    def batch(self, items: list[dict], **collate_kwargs) -> dict:
-        good = [it for it in items if "skipped" not in it]
+    def batch(self, items: list[dict], **collate_kwargs) -> tuple[Batch, LoaderReport]:
+        """The batch of the good items and the report of the bad ones."""
         bad = [it for it in items if "skipped" in it]
-        batch = collate(good, **collate_kwargs) if good else {"ids": []}
-        batch["skipped"] = Counter(it["skipped"] for it in bad)
-        batch["skipped_messages"] = [it["message"] for it in bad]
-        batch["seen"] = len(items)
-        return batch
+        batch = collate([it for it in items if "skipped" not in it], **collate_kwargs)
+        report = LoaderReport(
+            seen=len(items),
+            skipped=Counter(it["skipped"] for it in bad),
+            messages=[it["message"] for it in bad],
+        )
+        return batch, report
 
 
 class MixtureStream(IterableDataset):
@@ -106,17 +107,19 @@ class MixtureStream(IterableDataset):
     def __len__(self) -> int:
         return self.mixture.num_batches(self.world_size)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[tuple[Batch, LoaderReport]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = self.mixture.batches(self.epoch, self.rank, self.world_size)
         for k in range(self.start + worker, len(plan), workers):
-            batch = self.loader.batch([self.loader.item(n, i) for n, i in plan[k]], **self.collate_kwargs)
-            batch["position"] = (self.epoch, k)
-            yield batch
+            batch, report = self.loader.batch(
+                [self.loader.item(n, i) for n, i in plan[k]], **self.collate_kwargs
+            )
+            report.position = (self.epoch, k)
+            yield batch, report
 
 
-def _as_is(batch: dict) -> dict:
+def _as_is(batch: tuple[Batch, LoaderReport]) -> tuple[Batch, LoaderReport]:
     """Batches are collated in the workers; torch's default conversion would re-add Counter values."""
     return batch
 
@@ -222,6 +225,7 @@ class MixtureData(L.LightningDataModule):
         self.resume_at: tuple[int, int] | None = None
         self.position: tuple[int, int] | None = None
         self.counts: Counter = Counter()  # training samples seen / per source / skipped per reason
+        self._logged_step: int | None = None
 
     # -- wiring -----------------------------------------------------------------------------------------------
     def connect(self, processor: Processor) -> None:
@@ -291,7 +295,7 @@ class MixtureData(L.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------------------------
     def _loader_for(self, split: str) -> _Loader:
-        return _Loader(self.sources(split), self.processor, self.on_bad_sample, split == "predict")
+        return _Loader(self.sources(split), self.processor, self.on_bad_sample, split)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -327,13 +331,15 @@ class MixtureData(L.LightningDataModule):
         return self._eval_loader("predict")
 
     # -- bookkeeping: counts, bad fraction, resume position ---------------------------------------------------
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        training = self.trainer is not None and self.trainer.training
-        if training:
-            self.position = batch.pop("position")
-            self.counts["seen"] += batch["seen"]
-            self.counts.update(f"source/{s}" for s in batch["sources"])
-            self.counts.update({f"skipped/{r}": n for r, n in batch["skipped"].items()})
+    def on_before_batch_transfer(self, batch: tuple[Batch, LoaderReport], dataloader_idx: int) -> Batch:
+        """Count the loader's report (training: seen, per source, skipped per reason; stop above the bad fraction;
+        remember the plan position) and hand the model the batch alone."""
+        batch, report = batch
+        if self.trainer is not None and self.trainer.training:
+            self.position = report.position
+            self.counts["seen"] += report.seen
+            self.counts.update(f"source/{s}" for s in batch.sources)
+            self.counts.update({f"skipped/{r}": n for r, n in report.skipped.items()})
             bad = sum(self.counts[f"skipped/{r}"] for r in REASONS)
             if (
                 self.counts["seen"] >= MIN_SEEN_FOR_FRACTION
@@ -344,18 +350,31 @@ class MixtureData(L.LightningDataModule):
                 )
                 raise DataError(
                     f"{bad} of {self.counts['seen']} training samples were bad ({table}), over "
-                    f"data.max_bad_fraction={self.max_bad_fraction}; latest: {batch['skipped_messages'][-1:]}. "
+                    f"data.max_bad_fraction={self.max_bad_fraction}; latest: {report.messages[-1:]}. "
                     "Run `lit-mllm validate-data --config ...` to list them"
                 )
-            names = list(self.sources("fit"))
-            good = sum(self.counts[f"source/{n}"] for n in names)
-            batch["data_stats"] = {
-                **{f"ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in names},
-                **{f"skipped/{r}": self.counts[f"skipped/{r}"] for r in REASONS},
-            }
-        for key in ("skipped", "skipped_messages", "seen", "position"):
-            batch.pop(key, None)
+            self._log_stats()
         return batch
+
+    def stats(self) -> dict[str, float]:
+        """The realised mixture ratio per training source and the skipped samples per reason, so far."""
+        names = list(self.sources("fit"))
+        good = sum(self.counts[f"source/{n}"] for n in names)
+        return {
+            **{f"data/ratio/{n}": self.counts[f"source/{n}"] / max(good, 1) for n in names},
+            **{f"data/skipped/{r}": float(self.counts[f"skipped/{r}"]) for r in REASONS},
+        }
+
+    def _log_stats(self) -> None:
+        """Write :meth:`stats` to the run's loggers at the trainer's logging interval (the step the batch about to
+        train will have)."""
+        trainer = self.trainer
+        step = trainer.global_step
+        if not trainer.loggers or step % trainer.log_every_n_steps or step == self._logged_step:
+            return
+        self._logged_step = step  # once per optimizer step, whatever the gradient accumulation
+        for logger in trainer.loggers:
+            logger.log_metrics(self.stats(), step=step)
 
     def plan_state(self) -> dict:
         """Where training is in the plan (epoch, next batch) and the running counts."""

@@ -29,6 +29,8 @@ class Processor:
     tokens_per_image: int
     """Image tokens per tower input (an image, or one tile of it under a tiling layout)."""
     max_length: int | None = None
+    eval_prompts: bool = False
+    """Evaluation batches also carry each sample's prompt-only form (the model scores generations there)."""
 
     def _tokens(self, sample: Sample, for_generation: bool) -> tuple[list[int], list[int]]:
         if sample.text is None:
@@ -78,11 +80,21 @@ class Processor:
             raise sample.fail("no supervised token: every assistant reply is empty", "no_supervision")
         return out_ids, out_labels
 
-    def __call__(self, sample: Sample, for_generation: bool = False) -> dict:
+    def __call__(self, sample: Sample, for_generation: bool = False, with_prompt: bool = False) -> dict:
+        """The processed sample: ``input_ids`` / ``labels`` ``[L]``, ``pixel_values`` ``[k, 3, S, S]`` uint8 (or None),
+        ``num_images`` (tower inputs). ``for_generation``: the conversation up to its last assistant turn, with
+        ``prompt`` (the turn answered) and ``references`` (accepted answers: the sample's ``references``, else its
+        last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
         images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
         crops = [self.image_transform.num_crops(*im.size) for im in images]
-        ids, labels = self.encode_text(sample, crops, for_generation)
         pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]
+        item = self._item(sample, crops, pixels, for_generation)
+        if with_prompt and not for_generation:
+            item["generation"] = self._item(sample, crops, pixels, True)
+        return item
+
+    def _item(self, sample: Sample, crops: list[int], pixels: list, for_generation: bool) -> dict:
+        ids, labels = self.encode_text(sample, crops, for_generation)
         item = {
             "id": sample.id,
             "source": sample.source,
@@ -92,8 +104,7 @@ class Processor:
             "num_images": sum(crops),
         }
         if for_generation:
-            item["reference"] = sample.turns[-1].text if sample.turns[-1].role == "assistant" else None
-            item["prompt"] = (
-                sample.turns[-2].text if sample.turns[-1].role == "assistant" else sample.turns[-1].text
-            )
+            answered = sample.turns[-1].role == "assistant"
+            item["prompt"] = sample.turns[-2].text if answered else sample.turns[-1].text
+            item["references"] = list(sample.references or ([sample.turns[-1].text] if answered else []))
         return item

@@ -39,6 +39,9 @@ class Sample:
     """Name of the mixture source it was drawn from (set by the DataModule)."""
     text: str | None = None
     """A document (interleaved or text-only) instead of a conversation: every text token is learned."""
+    references: list[str] = field(default_factory=list)
+    """Accepted answers for the last reply when there are several (VQA's ten human answers); empty: the last
+    assistant turn is the one reference."""
 
     def fail(self, problem: str, reason: Reason = "malformed_record") -> DataError:
         return DataError(f"{self.where} (id {self.id!r}): {problem}", reason)

@@ -141,7 +141,8 @@ class Conversations(_JsonRecords):
                            {"from": "gpt", "value": "The bus is white and red."}]}
 
     ``image`` may be a list (several images, one ``<image>`` each, anywhere in the text) or absent (text only).
-    Roles ``human``/``user``, ``gpt``/``assistant`` and ``system`` are accepted.
+    Roles ``human``/``user``, ``gpt``/``assistant`` and ``system`` are accepted. An optional ``answers`` list of
+    strings gives the accepted answers of the last reply (VQA's ten human answers) for generation metrics.
     """
 
     def sample(self, i: int, image_token: str) -> Sample:
@@ -178,6 +179,10 @@ class Conversations(_JsonRecords):
                 f"each image needs exactly one {image_token} where it belongs in the text",
                 "image_mismatch",
             )
+        answers = record.get("answers", [])
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise sample.fail(f"'answers' must be a list of strings (the accepted answers), got {answers!r}"[:400])
+        sample.references = answers
         return sample
 
 

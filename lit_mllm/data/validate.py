@@ -35,7 +35,7 @@ def scan(dm: MixtureData, splits: tuple[str, ...] = ("fit", "validate", "test"))
     report = Report()
     for split in splits:
         sources = dm.sources(split)
-        loader = _Loader(sources, dm.processor, "skip", for_generation=False)
+        loader = _Loader(sources, dm.processor, "skip", split)
         for name, source in sources.items():
             for i in tqdm(range(len(source)), desc=f"{split}/{name}", leave=False):
                 item = loader.item(name, i)

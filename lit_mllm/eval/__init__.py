@@ -1,7 +1,25 @@
-"""Evaluation: metrics and baselines (benchmarks and generation-based tasks come later)."""
+"""Evaluation: metrics (injected into a family module from its config), generation settings, baselines and the
+prediction writer."""
 
 from lit_mllm.eval.baselines import AnswerBaselines, answer_baselines
-from lit_mllm.eval.metrics import ReplyExactMatch, reply_exact_match
+from lit_mllm.eval.generation import GenerationConfig
+from lit_mllm.eval.metrics import (
+    EvalMetric,
+    EvalOutputs,
+    GeneratedExactMatch,
+    ReplyExactMatch,
+    reply_exact_match,
+)
 from lit_mllm.eval.predictions import PredictionWriter
 
-__all__ = ["AnswerBaselines", "answer_baselines", "PredictionWriter", "ReplyExactMatch", "reply_exact_match"]
+__all__ = [
+    "AnswerBaselines",
+    "answer_baselines",
+    "EvalMetric",
+    "EvalOutputs",
+    "GeneratedExactMatch",
+    "GenerationConfig",
+    "PredictionWriter",
+    "ReplyExactMatch",
+    "reply_exact_match",
+]

@@ -1,5 +1,5 @@
-"""Writes ``predict`` outputs as JSON Lines (``id``, ``prompt``, ``answer``, ``reference``) into the run folder,
-and prints the exact-match rate where references exist."""
+"""Writes ``predict`` outputs as JSON Lines (``id``, ``prompt``, ``answer``, ``references``) into the run folder,
+and prints the exact-match rate (the answer equals one of the references) where references exist."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class PredictionWriter(BasePredictionWriter):
         tmp = path.with_suffix(path.suffix + ".partial")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(path)
-        scored = [r for r in rows if r.get("reference") is not None]
-        hits = sum(r["answer"].strip() == r["reference"].strip() for r in scored)
+        scored = [r for r in rows if r.get("references")]
+        hits = sum(r["answer"].strip() in {ref.strip() for ref in r["references"]} for r in scored)
         rank_zero_info(
             f"wrote {len(rows)} predictions to {path}"
             + (f"; exact match {hits}/{len(scored)} = {hits / len(scored):.3f}" if scored else "")

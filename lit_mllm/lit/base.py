@@ -1,13 +1,28 @@
-"""What every family's LightningModule shares: the stage (what trains), the language-modelling loss on
-supervised tokens, metrics, optimizer wiring and prediction. A family adds its parts and ``forward``.
+"""What every family's LightningModule shares, so a family says only how visual features reach the LLM.
 
-Metric names are ``split/name``: ``train/loss``, ``val/loss``, ``val/accuracy`` (reply exact match,
-see :mod:`lit_mllm.eval.metrics`), ``test/...``.
+The base owns the three parts every family has and the vision path through them::
+
+    pixel_values [I, 3, S, S] (uint8) --normalise--> --vision_tower--> [I, N, D_v] --connector--> [I, T, D_llm]
+
+(a frozen tower runs without autograd; a text-only batch under DDP runs a blank image so the connector takes part
+in the backward pass on every rank), the processor handed to the DataModule, the stage (what trains: nested parts,
+the innermost named part wins), the language-modelling loss on supervised tokens, the injected evaluation metrics,
+generation, optimizer groups, ``describe`` and trainable-only checkpoints.
+
+A family implements :meth:`VLMModule.language_inputs`: given the batch and its image features, the LLM's input
+embeddings and any per-layer inputs its decoder-layer wrappers read. It adds its own modules in ``__init__``,
+names them in :meth:`VLMModule.parts`, gives :meth:`VLMModule.default_stage`, and ends ``__init__`` with
+:meth:`VLMModule.freeze_and_load`. See docs/families.md.
+
+Metric names are ``split/name``: ``train/loss``, ``train/loss/<source>``, ``val/loss``, ``val/<metric>``, ``test/...``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,9 +34,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from lit_mllm.data.batch import Batch
+from lit_mllm.data.images import ImageTransform, normalize
+from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
-from lit_mllm.eval.metrics import ReplyExactMatch
+from lit_mllm.eval.generation import GenerationConfig
+from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, ReplyExactMatch
+from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
+from lit_mllm.nn.language.model import LanguageModel
+from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.peft import add_lora
 from lit_mllm.training.stages import (
     Milestone,
@@ -64,59 +86,174 @@ def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Ten
     return token_losses(logits[:, :-1][mask], labels[:, 1:][mask], ids).mean()
 
 
+@dataclass
+class LanguageInputs:
+    """What a family hands the language model for one batch."""
+
+    embeds: Tensor
+    """``[R, L, D_llm]`` input embeddings (prefix fusion: image features spliced in at the image tokens)."""
+    layer_inputs: dict[str, Any] = field(default_factory=dict)
+    """Keyword inputs passed to every decoder layer call (forward and each generation step), read by the family's
+    layer wrappers (cross-attention: the visual features and media masks)."""
+
+
 class VLMModule(L.LightningModule):
-    """Base of the family modules; subclasses define ``parts``, ``forward``, ``processor`` and ``generate``."""
+    """Base of the family modules: a vision tower, a connector and a decoder LLM (see the module docstring)."""
 
     def __init__(
         self,
+        vision_tower: VisionTower,
+        language_model: LanguageModel,
+        connector: ConnectorFactory = MLPConnector,
+        image_layout: ImageLayout | None = None,
         stage: Stage | StageSchedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        max_new_tokens: int = 32,
+        generation: GenerationConfig | None = None,
+        metrics: dict[str, EvalMetric] | None = None,
     ) -> None:
+        """Families call this first, add their modules, and end with :meth:`freeze_and_load`."""
         super().__init__()
         # Checkpoints hold trainable weights only (on_load_checkpoint checks those); set before any strategy loads.
         self.strict_loading = False
+        self.vision_tower = vision_tower
+        self.language_model = language_model
+        self.connector = connector(vision_tower.hidden_size, language_model.hidden_size)
+        self.tokens_per_image = self.connector.num_tokens(vision_tower.num_features)
+        self.image_layout = image_layout or Resize()
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.generation = generation or GenerationConfig()
+        metrics = {"accuracy": ReplyExactMatch()} if metrics is None else metrics
+        for name, metric in metrics.items():
+            if not isinstance(metric, EvalMetric):
+                raise TypeError(
+                    f"metric {name!r} is a {type(metric).__name__}; evaluation metrics subclass "
+                    "lit_mllm.eval.EvalMetric (they read the batch, logits and generations of a step)"
+                )
+        self.split_metrics = nn.ModuleDict(
+            {split: nn.ModuleDict({n: m.clone() for n, m in metrics.items()}) for split in ("val", "test")}
+        )
+        self.split_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         if not isinstance(stage, StageSchedule):
-            stage = StageSchedule([Milestone(0, stage or Stage())])
+            stage = StageSchedule([Milestone(0, stage or self.default_stage())])
+        for milestone in stage.stages:  # a stage that names no trainable parts trains the family's default ones
+            if milestone.stage.trainable is None:
+                milestone.stage = dataclasses.replace(milestone.stage, trainable=self.default_stage().trainable)
         self.schedule = stage  # the run's stages; a single stage is a schedule of one
         self.stage_index = 0  # index in schedule.stages of the stage that trains now
         self.stage = stage.stages[0].stage  # the stage that trains now
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.max_new_tokens = max_new_tokens
-        self.metrics = nn.ModuleDict(
-            {
-                f"{split}_{m}": (ReplyExactMatch() if m == "accuracy" else MeanMetric())
-                for split in ("val", "test")
-                for m in ("loss", "accuracy")
-            }
-        )
 
-    # -- to be provided by a family ---------------------------------------------------------------------------
-    @abstractmethod
-    def parts(self) -> dict[str, nn.Module]:
-        """The named parts a stage can train (e.g. ``vision_tower``, ``connector``, ``language_model``)."""
-
-    @abstractmethod
-    def processor(self) -> Processor:
-        """The processor the DataModule uses to turn samples into this model's inputs."""
-
-    @abstractmethod
-    def generate(self, batch: dict, **kwargs) -> list[str]:
-        """Decoded continuations of a left-padded generation batch."""
-
-    # -- stage ------------------------------------------------------------------------------------------------
-    def apply_stage(self) -> None:
-        """Freeze all parts but the stage's; call at the end of a family's ``__init__``. Every stage of the schedule
-        is checked against the parts, and the LoRA adapters of all of them are injected now."""
+    def freeze_and_load(self, init_from: str | None = None) -> None:
+        """End of a family's ``__init__``: apply the stage (every stage of the schedule checked against the parts,
+        LoRA adapters of all of them injected), then load ``init_from`` if given."""
         parts = self.parts()
         for milestone in self.schedule.stages:
             milestone.stage.check(parts)
         for name, spec in self.schedule.adapters().items():
             add_lora(parts[name], spec, name)
         apply_stage(parts, self.stage)
+        if init_from is not None:
+            from lit_mllm.training.export import load_weights
 
+            load_weights(self, init_from)
+
+    # -- what a family provides -------------------------------------------------------------------------------
+    @classmethod
+    def default_stage(cls) -> Stage:
+        """What trains when the config names no stage (or a stage without ``trainable``): LLaVA's finetune stage,
+        connector + language model. Families override it."""
+        return Stage(name="finetune", trainable=["connector", "language_model"])
+
+    def parts(self) -> dict[str, nn.Module | list[nn.Module]]:
+        """The named parts a stage can train; a family adds its own (which may sit inside these, e.g. one
+        cross-attention block per decoder layer)."""
+        return {
+            "vision_tower": self.vision_tower,
+            "connector": self.connector,
+            "language_model": self.language_model,
+        }
+
+    @abstractmethod
+    def language_inputs(self, batch: Batch, images: Tensor | None) -> LanguageInputs:
+        """The LLM's inputs for ``batch`` given its image features ``images [I, T, D_llm]`` (None: no image)."""
+
+    # -- the vision path --------------------------------------------------------------------------------------
+    def processor(self) -> Processor:
+        """The processor the DataModule uses to turn samples into this model's inputs."""
+        tower, lm = self.vision_tower, self.language_model
+        return Processor(
+            tokenizer=lm.tokenizer,
+            chat_format=lm.chat_format,
+            image_transform=ImageTransform(tower.image_size, self.image_layout),
+            image_token=lm.image_token,
+            image_token_id=lm.image_token_id,
+            tokens_per_image=self.tokens_per_image,
+            max_length=lm.max_length,
+            eval_prompts=self._needs_generation(),
+        )
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd. uint8 images (what the
+        processor gives) are normalised here with the tower's mean/std; float input is taken as normalised."""
+        tower = self.vision_tower
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values, tower.mean, tower.std)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(tower)):
+            features = tower(pixel_values)  # [I, N, D_v]
+        return self.connector(features)  # [I, T, D_llm]
+
+    def inputs(self, batch: Batch) -> LanguageInputs:
+        """The family's :meth:`language_inputs` for ``batch``, its images encoded. A text-only batch under DDP runs
+        a blank image so the connector (and tower) take part in the backward pass like on every other rank; its
+        contribution is exactly zero."""
+        images = None if batch.pixel_values is None else self.encode_images(batch.pixel_values)
+        inputs = self.language_inputs(batch, images)
+        if (
+            images is None
+            and self.training
+            and torch.distributed.is_initialized()
+            and (_trains(self.connector) or _trains(self.vision_tower))
+        ):
+            tower = self.vision_tower
+            blank = inputs.embeds.new_zeros(1, 3, tower.image_size, tower.image_size)
+            inputs.embeds = inputs.embeds + 0.0 * self.encode_images(blank).sum()
+        return inputs
+
+    def hidden_states(self, batch: Batch) -> Tensor:
+        """``[R, L, D_llm]`` final hidden states of the LLM for a collated batch."""
+        inputs = self.inputs(batch)
+        return self.language_model.hidden_states(
+            inputs.embeds, batch.attention_mask, batch.position_ids, **inputs.layer_inputs
+        )
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits ``[R, L, V]`` for a collated batch (padded: attention mask; packed: position ids)."""
+        return self.language_model.head(self.hidden_states(batch))
+
+    def supervised_logits(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits [S, V], targets [S], sample index [S])`` at the ``S`` positions whose next token is learned;
+        the vocabulary projection skips every other position."""
+        hidden = self.hidden_states(batch)  # [R, L, D]
+        mask = supervised(batch.labels)  # [R, L-1]
+        logits = self.language_model.head(hidden[:, :-1][mask])  # [S, V]
+        return logits, batch.labels[:, 1:][mask], batch.sample_index[:, 1:][mask]
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, **overrides) -> list[str]:
+        """Decoded replies of a left-padded prompt batch, with the model's ``generation`` settings (``overrides``
+        replace single ``generate`` arguments)."""
+        inputs = self.inputs(batch)
+        settings = {**self.generation.kwargs(), **overrides}
+        new = self.language_model.generate(
+            inputs.embeds, batch.attention_mask, **inputs.layer_inputs, **settings
+        )
+        return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _needs_generation(self) -> bool:
+        return any(m.needs_generation for m in self.split_metrics["val"].values())
+
+    # -- stage ------------------------------------------------------------------------------------------------
     def enter_stage(self, index: int) -> None:
         """Make ``schedule.stages[index]`` the stage that trains: re-freeze, and during a fit build a new optimizer
         over exactly its trainable parameters (checked), print its table, and under DDP re-wrap the model so
@@ -158,7 +295,7 @@ class VLMModule(L.LightningModule):
         strategy.model = self
         strategy.configure_ddp()
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         index = self.schedule.index_at(self.global_step)
         if index != self.stage_index:
             self.enter_stage(index)
@@ -175,8 +312,11 @@ class VLMModule(L.LightningModule):
         if len(self.schedule.stages) > 1:
             facts["stages"] = self.schedule.describe()
         for name, part in self.parts().items():
-            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = count(part)
+            if isinstance(part, nn.Module):
+                facts[f"params/{name}"], facts[f"params_trainable/{name}"] = count(part)
         facts["params/total"], facts["params_trainable/total"] = count(self)
+        facts["image_tokens"] = self.tokens_per_image
+        facts["connector_flops_per_image"] = connector_flops(self.connector, self.vision_tower.num_features)
         return facts
 
     def on_fit_start(self) -> None:
@@ -187,36 +327,27 @@ class VLMModule(L.LightningModule):
             self.logger.log_hyperparams(self.describe())
 
     # -- steps ------------------------------------------------------------------------------------------------
-    def supervised_logits(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits [S, V], targets [S], sample index [S])`` at the ``S`` positions whose next token is learned.
-
-        This default slices full logits; a family computes the vocabulary projection at those positions only."""
-        mask = supervised(batch["labels"])  # [R, L-1]
-        return self(batch)[:, :-1][mask], batch["labels"][:, 1:][mask], batch["sample_index"][:, 1:][mask]
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if not len(batch):  # every sample of the batch was bad and skipped (counted by the DataModule)
+            return None
         logits, target, which = self.supervised_logits(batch)
-        losses = token_losses(logits, target, batch["ids"])  # [S]
+        losses = token_losses(logits, target, batch.ids)  # [S]
         loss = losses.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} on samples {batch['ids']}; lower the "
+                f"training loss is {loss.item()} at step {self.global_step} on samples {batch.ids}; lower the "
                 "learning rate, check these samples, or use bf16-mixed instead of fp16"
             )
-        n = len(batch["ids"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self._log_sources(batch, losses.detach(), which)
         return loss
 
-    def _log_sources(self, batch: dict, losses: Tensor, which: Tensor) -> None:
-        """``train/loss/<source>`` (mean over the source's supervised tokens in the batch) and the DataModule's
-        ``data/...`` figures (realised ratio per source, skipped samples per reason)."""
-        for key, value in batch.get("data_stats", {}).items():
-            self.log(f"data/{key}", float(value), batch_size=len(batch["ids"]))
-        names = sorted(set(batch["sources"]))
-        if len(names) < 2 and not batch.get("data_stats"):
+    def _log_sources(self, batch: Batch, losses: Tensor, which: Tensor) -> None:
+        """``train/loss/<source>``: the mean over the source's supervised tokens in the batch."""
+        names = sorted(set(batch.sources))
+        if names == [""]:  # samples not drawn from named sources
             return
-        of_sample = torch.tensor([names.index(s) for s in batch["sources"]], device=losses.device)
+        of_sample = torch.tensor([names.index(s) for s in batch.sources], device=losses.device)
         of_token = of_sample[which]
         sums = torch.zeros(len(names), device=losses.device).index_add_(0, of_token, losses.float())
         counts = torch.bincount(of_token, minlength=len(names))
@@ -225,36 +356,39 @@ class VLMModule(L.LightningModule):
                 self.log(
                     f"train/loss/{name}",
                     sums[k] / counts[k].clamp(min=1),
-                    batch_size=batch["sources"].count(name),
+                    batch_size=batch.sources.count(name),
                 )
 
-    def _eval_step(self, batch: dict, split: str) -> None:
-        if not batch["ids"]:  # every sample of the batch was bad and skipped
+    def _eval_step(self, batch: Batch, split: str) -> None:
+        if not len(batch):  # every sample of the batch was bad and skipped
             return
         logits = self(batch)
-        loss = lm_loss(logits, batch["labels"], batch["ids"])
-        tokens = supervised(batch["labels"]).sum()
-        self.metrics[f"{split}_loss"].update(loss, weight=tokens)
-        self.metrics[f"{split}_accuracy"].update(logits, batch["labels"])
-        self.log(f"{split}/loss", self.metrics[f"{split}_loss"], prog_bar=True, batch_size=len(batch["ids"]))
-        self.log(
-            f"{split}/accuracy",
-            self.metrics[f"{split}_accuracy"],
-            prog_bar=True,
-            batch_size=len(batch["ids"]),
-        )
+        loss = lm_loss(logits, batch.labels, batch.ids)
+        self.split_losses[split].update(loss, weight=supervised(batch.labels).sum())
+        self.log(f"{split}/loss", self.split_losses[split], prog_bar=True, batch_size=len(batch))
+        generations = None
+        if batch.generation is not None and self._needs_generation():
+            generations = self.generate(batch.generation)
+        outputs = EvalOutputs(batch, logits, generations)
+        for name, metric in self.split_metrics[split].items():
+            metric.update_from(outputs)
+            self.log(f"{split}/{name}", metric, prog_bar=True, batch_size=len(batch))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        answers = self.generate(batch, max_new_tokens=self.max_new_tokens)
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        if not len(batch):
+            return []
+        answers = self.generate(batch)
+        references = batch.references or [[] for _ in batch.ids]
+        prompts = batch.prompts or ["" for _ in batch.ids]
         return [
-            {"id": i, "prompt": p, "answer": a, "reference": r}
-            for i, p, a, r in zip(batch["ids"], batch["prompt"], answers, batch["reference"])
+            {"id": i, "prompt": p, "answer": a, "references": r}
+            for i, p, a, r in zip(batch.ids, prompts, answers, references)
         ]
 
     # -- checkpoints: trainable weights (+ optimizer state); frozen weights are rebuilt from their source --------
@@ -314,3 +448,8 @@ class VLMModule(L.LightningModule):
             run_steps = int(self.trainer.estimated_stepping_batches)
             scheduler.total_steps = self.schedule.steps_of(self.stage_index, run_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` trains."""
+    return any(p.requires_grad for p in module.parameters())

@@ -78,5 +78,20 @@ def from_grid(grid: Tensor) -> Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
+def connector_flops(connector: Connector, num_features: int) -> int:
+    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``.
+
+    Runs with autograd on (the graph is dropped): under ``no_grad`` an ``expand`` view of a parameter trips the
+    counter's module hooks."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(connector.parameters())
+    x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
+    with FlopCounterMode(display=False) as counter:
+        connector(x)
+    return counter.get_total_flops()
+
+
 ConnectorFactory = Callable[[int, int], Connector]
 """What configs provide: called with ``(in_dim, out_dim)`` by the family module."""

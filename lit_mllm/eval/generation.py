@@ -1,0 +1,50 @@
+"""Generation settings: one typed object for every place a model generates (``predict``, generation metrics during
+validation and test), so a run's decoding is written once in its config and recorded with its results.
+
+    model:
+      init_args:
+        generation: {max_new_tokens: 16, num_beams: 3}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GenerationConfig:
+    """How replies are decoded (greedy by default)."""
+
+    max_new_tokens: int = 32
+    """Longest reply in tokens."""
+    do_sample: bool = False
+    """Sample from the distribution (with ``temperature`` / ``top_p``) instead of taking the most likely token."""
+    num_beams: int = 1
+    """Beam search with this many beams (1: no beam search)."""
+    temperature: float = 1.0
+    """Sampling temperature (only with ``do_sample``)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (only with
+    ``do_sample``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens={self.max_new_tokens}; give at least 1")
+        if self.num_beams < 1:
+            raise ValueError(f"generation.num_beams={self.num_beams}; give at least 1 (1 = no beam search)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"generation.temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]"
+            )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``transformers``' ``generate`` (sampling knobs only when sampling)."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+        }
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p)
+        return out
