@@ -42,7 +42,9 @@ def write_data(root: Path, n: int, width: int, height: int, seed: int = 0) -> No
         image.save(root / "images" / f"{i:06d}.jpg", quality=90)
         turns = [{"from": "human", "value": "<image>\nDescribe the picture in detail."}]
         for k in range(int(rng.integers(1, 5))):
-            turns.append({"from": "gpt", "value": "There are several coloured circles on a noisy field. " * 4})
+            turns.append(
+                {"from": "gpt", "value": "There are several coloured circles on a noisy field. " * 4}
+            )
             turns.append({"from": "human", "value": f"What about circle {k}?"})
         turns.append({"from": "gpt", "value": "It is round and sits near the edge of the picture."})
         records.append({"id": str(i), "image": f"images/{i:06d}.jpg", "conversations": turns})

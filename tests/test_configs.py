@@ -98,7 +98,9 @@ def test_stage_files_plug_into_the_quickstart(path, shapes_root, tmp_path):
         run=False,
     )
     assert cli.model.stage.name == path.stem
-    untrained = set(cli.model.parts()) - set(cli.model.stage.trainable)  # frozen, or trained through LoRA only
+    untrained = set(cli.model.parts()) - set(
+        cli.model.stage.trainable
+    )  # frozen, or trained through LoRA only
     assert untrained
     for name in untrained:
         for param_name, p in cli.model.parts()[name].named_parameters():

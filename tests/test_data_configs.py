@@ -17,7 +17,9 @@ QUICKSTART = str(CONFIGS / "quickstart.yaml")
 def world(tmp_path_factory):
     """A small ShapesWorld with every format."""
     root = tmp_path_factory.mktemp("mix") / "sw"
-    ShapesWorld(image_size=32, num_train=40, num_val=8, num_test=8, min_object_px=4, shard_size=16).write(root)
+    ShapesWorld(image_size=32, num_train=40, num_val=8, num_test=8, min_object_px=4, shard_size=16).write(
+        root
+    )
     return root
 
 
@@ -42,7 +44,13 @@ class Seen(L.Callback):
 
 
 def test_shapesworld_mixture_of_five_kinds_trains_with_per_source_curves(world, tmp_path):
-    args = ["--config", QUICKSTART, "--data", str(CONFIGS / "data" / "shapesworld_mixture.yaml"), *small(world)]
+    args = [
+        "--config",
+        QUICKSTART,
+        "--data",
+        str(CONFIGS / "data" / "shapesworld_mixture.yaml"),
+        *small(world),
+    ]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     cli = build_cli(args, run=False)
     assert set(cli.datamodule.splits["fit"]) == {"instruct", "captions", "interleaved", "text", "grounding"}

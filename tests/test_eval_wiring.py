@@ -91,7 +91,9 @@ def test_validation_generates_with_the_models_settings_and_scores_against_refere
     (tmp_path / "images").symlink_to(shapes_root / "images")
     dm = shapes_data(tmp_path, batch_size=4)
     dm.connect(model.processor())
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     (result,) = trainer.validate(model, dm, verbose=False)
     assert {"val/loss", "val/accuracy", "val/generated"} <= set(result)
     assert result["val/generated"] == pytest.approx(half / len(records))

@@ -181,7 +181,9 @@ class Conversations(_JsonRecords):
             )
         answers = record.get("answers", [])
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise sample.fail(f"'answers' must be a list of strings (the accepted answers), got {answers!r}"[:400])
+            raise sample.fail(
+                f"'answers' must be a list of strings (the accepted answers), got {answers!r}"[:400]
+            )
         sample.references = answers
         return sample
 

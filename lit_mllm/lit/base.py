@@ -137,9 +137,13 @@ class VLMModule(L.LightningModule):
         self.split_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         if not isinstance(stage, StageSchedule):
             stage = StageSchedule([Milestone(0, stage or self.default_stage())])
-        for milestone in stage.stages:  # a stage that names no trainable parts trains the family's default ones
+        for (
+            milestone
+        ) in stage.stages:  # a stage that names no trainable parts trains the family's default ones
             if milestone.stage.trainable is None:
-                milestone.stage = dataclasses.replace(milestone.stage, trainable=self.default_stage().trainable)
+                milestone.stage = dataclasses.replace(
+                    milestone.stage, trainable=self.default_stage().trainable
+                )
         self.schedule = stage  # the run's stages; a single stage is a schedule of one
         self.stage_index = 0  # index in schedule.stages of the stage that trains now
         self.stage = stage.stages[0].stage  # the stage that trains now

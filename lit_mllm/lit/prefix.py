@@ -62,10 +62,26 @@ class PrefixFusionVLM(VLMModule):
                 earlier stage (``.ckpt``) or an exported ``model.safetensors``; every tensor in it must match.
         """
         super().__init__(
-            vision_tower, language_model, connector, image_layout, stage, optimizer, scheduler, generation, metrics
+            vision_tower,
+            language_model,
+            connector,
+            image_layout,
+            stage,
+            optimizer,
+            scheduler,
+            generation,
+            metrics,
         )
         self.save_hyperparameters(
-            ignore=["vision_tower", "language_model", "connector", "image_layout", "optimizer", "scheduler", "metrics"]
+            ignore=[
+                "vision_tower",
+                "language_model",
+                "connector",
+                "image_layout",
+                "optimizer",
+                "scheduler",
+                "metrics",
+            ]
         )
         self.freeze_and_load(init_from)
 
@@ -73,6 +89,11 @@ class PrefixFusionVLM(VLMModule):
         """Input embeddings ``[R, L, D_llm]`` with the image features spliced in at the image tokens."""
         text = self.language_model.embed(batch.input_ids)
         embeds = splice_image_features(
-            text, batch.input_ids, self.language_model.image_token_id, images, batch.images_per_row, batch.row_names
+            text,
+            batch.input_ids,
+            self.language_model.image_token_id,
+            images,
+            batch.images_per_row,
+            batch.row_names,
         )
         return LanguageInputs(embeds)
