@@ -31,9 +31,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_mllm.lit.prefix import connector_flops
 from lit_mllm.nn import connectors as zoo
-from lit_mllm.nn.connectors import Connector
+from lit_mllm.nn.connectors import Connector, connector_flops
 
 PATCH = 14
 TOKEN_OPTIONS = (

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import lit_mllm.nn.connectors as connectors
-from lit_mllm.lit.prefix import connector_flops
-from lit_mllm.nn.connectors import Connector
+from lit_mllm.nn.connectors import Connector, connector_flops
 
 
 def all_connectors() -> list[type[Connector]]:

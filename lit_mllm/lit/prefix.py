@@ -18,25 +18,11 @@ from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
 from lit_mllm.lit.base import VLMModule, supervised
-from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector
+from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.fusion.prefix import splice_image_features
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.stages import Stage, StageSchedule
-
-
-def connector_flops(connector: nn.Module, num_features: int) -> int:
-    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``.
-
-    Runs with autograd on (the graph is dropped): under ``no_grad`` an ``expand`` view of a parameter trips the
-    counter's module hooks."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(connector.parameters())
-    x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
-    with FlopCounterMode(display=False) as counter:
-        connector(x)
-    return counter.get_total_flops()
 
 
 class PrefixFusionVLM(VLMModule):

@@ -15,7 +15,7 @@
 """
 
 from lit_mllm.nn.connectors.abstractor import CAbstractor
-from lit_mllm.nn.connectors.base import Connector, ConnectorFactory
+from lit_mllm.nn.connectors.base import Connector, ConnectorFactory, connector_flops
 from lit_mllm.nn.connectors.linear import LinearConnector
 from lit_mllm.nn.connectors.mlp import MLPConnector
 from lit_mllm.nn.connectors.perceiver import PerceiverResampler
@@ -27,6 +27,7 @@ from lit_mllm.nn.connectors.token_merge import ConcatNeighbours, PixelShuffle
 __all__ = [
     "Connector",
     "ConnectorFactory",
+    "connector_flops",
     "LinearConnector",
     "MLPConnector",
     "AvgPoolConnector",
