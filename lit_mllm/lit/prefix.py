@@ -66,7 +66,7 @@ class PrefixFusionVLM(VLMModule):
         self.image_layout = image_layout or Resize()
         self.apply_stage()
         if init_from is not None:
-            from lit_mllm.training.export import load_weights
+            from lit_mllm.training.checkpoints import load_weights
 
             load_weights(self, init_from)
 
