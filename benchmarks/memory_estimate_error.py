@@ -39,7 +39,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_mllm.cli import build_cli
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.training.memory import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,164 +1,116 @@
-"""The ``lit-mllm`` command.
+"""The ``lit-mllm`` command: a table of subcommands, each run by the ``main(args)`` of one module of
+:mod:`lit_mllm.commands`, imported only when that subcommand runs (``lit-mllm data`` never loads the model
+families, ``lit-mllm --help`` not even torch). ``lit-mllm --help`` lists the table.
 
-    lit-mllm fit|validate|test|predict --config FILE   LightningCLI over a family module and a DataModule
-    lit-mllm describe --config FILE                    parameters per part, image tokens, connector FLOPs
-    lit-mllm validate-data --config FILE               every record processed; problems per reason, named
-    lit-mllm export --config FILE --ckpt_path CKPT --out DIR   a transformers LLaVA folder, or safetensors
-    lit-mllm estimate-memory --config FILE             weights / gradients / optimizer / activations, per part
-    lit-mllm data shapesworld --out DIR                write the generated ShapesWorld dataset
-
-After the model and data are built from the config, the model's processor (tokenizer, chat format,
-image transform, image tokens per image) is connected to the DataModule, so the YAML never repeats it.
+A new subcommand is a module in ``lit_mllm/commands/`` with a ``main(args: list[str])`` and a row here. Nothing
+else in ``lit_mllm`` imports this module or the commands.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import sys
-import warnings
-from pathlib import Path
-
-import yaml
-from lightning import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
-
-from lit_mllm.lit.base import VLMModule
-
-try:  # attribute docstrings (dataclass fields such as Stage.trainable) become --help text
-    from jsonargparse import set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-except ImportError:  # jsonargparse < 4.35
-    from jsonargparse import set_docstring_parse_options
-
-    set_docstring_parse_options(attribute_docstrings=True)
-
-DESCRIPTION = """lit-mllm: train and evaluate multimodal LLMs from YAML.
-
-Run `lit-mllm fit --config configs/quickstart.yaml` for a tiny model on generated data (CPU, minutes).
-Other commands: `lit-mllm describe --config FILE` prints what a config builds (parameters per part, image
-tokens per image, connector FLOPs per image); `lit-mllm validate-data --config FILE` processes every record of
-the config's data and reports problems per reason; `lit-mllm estimate-memory --config FILE` breaks a training
-step's memory into weights, gradients, optimizer states and activations; `lit-mllm export --help` writes a
-trained model as a transformers LLaVA folder or safetensors; `lit-mllm data shapesworld --help` writes the
-ShapesWorld dataset."""
+from dataclasses import dataclass
 
 
-class LitMLLMCLI(LightningCLI):
-    """LightningCLI whose DataModule is connected to the model after both are built."""
+@dataclass(frozen=True)
+class Command:
+    """One row of the table."""
 
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        connect = getattr(self.datamodule, "connect", None)
-        if connect is not None:
-            connect(self.model.processor())
-
-
-def data_main(args: list[str]) -> None:
-    from jsonargparse import CLI
-
-    from lit_mllm.data.shapesworld import write_shapesworld
-
-    CLI({"shapesworld": write_shapesworld}, args=args, prog="lit-mllm data", description="Write datasets.")
+    module: str
+    """Module whose ``main(args)`` runs the subcommand; imported when it runs."""
+    usage: str
+    """Arguments shown after the subcommand's name in ``lit-mllm --help``."""
+    summary: str
+    """One line saying what it does."""
+    lightning: bool = False
+    """LightningCLI's own subcommand: ``main`` gets the whole command line, the name first."""
 
 
-SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
+LIGHTNING = "lit_mllm.commands.lightning"
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        LIGHTNING,
+        "--config FILE",
+        "train (LightningCLI over a family module and a DataModule)",
+        lightning=True,
+    ),
+    "validate": Command(
+        LIGHTNING, "--config FILE --ckpt_path CKPT", "the validation split's metrics", lightning=True
+    ),
+    "test": Command(LIGHTNING, "--config FILE --ckpt_path CKPT", "the test split's metrics", lightning=True),
+    "predict": Command(
+        LIGHTNING, "--config FILE --ckpt_path CKPT", "generate replies (predictions.jsonl)", lightning=True
+    ),
+    "describe": Command(
+        "lit_mllm.commands.describe",
+        "--config FILE",
+        "what a config builds: parameters per part, image tokens and connector FLOPs per image",
+    ),
+    "validate-data": Command(
+        "lit_mllm.commands.validate_data",
+        "--config FILE",
+        "process every record of the config's data; problems per reason, named",
+    ),
+    "estimate-memory": Command(
+        "lit_mllm.commands.estimate_memory",
+        "--config FILE",
+        "a training step's memory per device: weights, gradients, optimizer states, activations",
+    ),
+    "export": Command(
+        "lit_mllm.commands.export",
+        "--config FILE --ckpt_path CKPT --out DIR",
+        "a trained model as a transformers LLaVA folder, or safetensors + config",
+    ),
+    "data": Command(
+        "lit_mllm.commands.data", "shapesworld --out DIR", "write the generated ShapesWorld dataset"
+    ),
+}
 
 
-def model_only_args(args: list[str]) -> list[str]:
-    """A run's saved ``config.yaml`` also records its subcommand's options (``ckpt_path``, ...), which the
-    model-only parser refuses: pass such files on as YAML text without those keys."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        value = None
-        if arg == "--config" and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-        elif arg.startswith("--config="):
-            value, i = arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        path = Path(value)
-        node = (
-            yaml.safe_load(path.read_text()) if path.is_file() and path.suffix in (".yaml", ".yml") else None
-        )
-        if isinstance(node, dict) and any(k in node for k in SUBCOMMAND_KEYS):
-            dropped = {k: node.pop(k) for k in SUBCOMMAND_KEYS if k in node}
-            if dropped.get("ckpt_path"):
-                rank_zero_info(
-                    f"ignoring ckpt_path={dropped['ckpt_path']} recorded in {path} (where that run started); "
-                    "give --ckpt_path"
-                )
-            value = yaml.safe_dump(node, sort_keys=False)
-        out += ["--config", value]
-    return out
-
-
-def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
-    """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand (a run's
-    saved ``config.yaml`` is accepted: its subcommand keys are dropped)."""
-    if not run and args is not None:
-        args = model_only_args(list(args))
-    # Frozen parts are in eval mode by design (the stage table printed at fit start says which).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-    # MixtureData's training stream knows its exact length per rank (workers split batches, not samples).
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    return LitMLLMCLI(
-        VLMModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs"},
-            }
-        },
+def usage() -> str:
+    """``lit-mllm --help``: every subcommand with its one-line summary."""
+    rows = [f"  lit-mllm {name} {c.usage}\n      {c.summary}" for name, c in COMMANDS.items()]
+    return "\n".join(
+        [
+            "usage: lit-mllm COMMAND [options]",
+            "",
+            "lit-mllm: train and evaluate multimodal LLMs from YAML.",
+            "",
+            "commands:",
+            *rows,
+            "",
+            "`lit-mllm COMMAND --help` explains a command's options. Start with",
+            "`lit-mllm fit --config configs/quickstart.yaml`: a tiny model on generated data (CPU, minutes).",
+        ]
     )
 
 
-def describe_main(args: list[str]) -> dict:
-    """Build the model of a config (no data, no training) and print the figures runs are compared on."""
-    from lit_mllm.training.stages import trainable_table
-
-    cli = build_cli(args, run=False)
-    model = cli.model
-    facts = model.describe()
-    print(trainable_table(model.parts(), model.stage))
-    width = max(map(len, facts))
-    for key, value in facts.items():
-        if not key.startswith("params"):
-            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
-    return facts
-
-
 def run(args: list[str] | None = None) -> object:
-    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, a report, or None)."""
+    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, a report, or None).
+
+    ``args`` None reads the process's command line. ``-h`` / ``--help`` or no argument prints the table; an
+    option before any subcommand goes to LightningCLI's own parser, as it did before the table."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["data"]:
-        data_main(argv[1:])
-        return None
-    if argv[:1] == ["describe"]:
-        return describe_main(argv[1:])
-    if argv[:1] == ["estimate-memory"]:
-        from lit_mllm.training.memory import estimate_memory_main
-
-        return estimate_memory_main(argv[1:])
-    if argv[:1] == ["export"]:
-        from lit_mllm.training.export import export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["validate-data"]:
-        from lit_mllm.data.validate import validate_main
-
-        return validate_main(argv[1:])
-    return build_cli(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    name = "fit" if argv[0].startswith("-") else argv[0]
+    command = COMMANDS.get(name)
+    if command is None:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(
+            f"lit-mllm: unknown command {name!r}{hint}; the commands are {', '.join(COMMANDS)}. "
+            "`lit-mllm --help` says what each does.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    main_of = importlib.import_module(command.module).main
+    if command.lightning:
+        return main_of(None if args is None else argv)
+    return main_of(argv[1:])
 
 
 def main(args: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ with the samples and losses of an uninterrupted run; SIGTERM to one DDP rank sto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -22,7 +23,13 @@ import yaml
 from lit_mllm.cli import run
 from lit_mllm.training import Stage
 from lit_mllm.training.callbacks import CheckpointOnSigterm
-from lit_mllm.training.checkpoints import AtomicCheckpointIO, UnsafeCheckpoint, atomic_save, read_checkpoint
+from lit_mllm.training.checkpoints import (
+    AtomicCheckpointIO,
+    UnsafeCheckpoint,
+    atomic_save,
+    read_checkpoint,
+    safe_globals,
+)
 from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +108,47 @@ def test_anything_else_is_refused_by_name(tmp_path):
     with pytest.raises(UnsafeCheckpoint, match="Record.*weights_only=False"):
         read_checkpoint(path)
     assert isinstance(read_checkpoint(path, weights_only=False)["extra"], Record)
+
+
+@dataclasses.dataclass
+class ProbeInner:
+    """Reached only through :class:`Probe`'s field hint."""
+
+    word: str = "x"
+
+
+@dataclasses.dataclass
+class Probe:
+    """Declared here and named only by :class:`ProbeModule`'s ``__init__`` hint: no lit_mllm module knows it."""
+
+    depth: int = 2
+    inner: ProbeInner | None = None
+
+
+@dataclasses.dataclass
+class Unnamed:
+    """A dataclass no LightningModule names."""
+
+    depth: int = 2
+
+
+class ProbeModule(L.LightningModule):
+    def __init__(self, probe: Probe | None = None) -> None:
+        super().__init__()
+        self.probe = probe
+
+
+def test_a_dataclass_named_by_any_lightning_module_loads_with_weights_only(tmp_path):
+    path = tmp_path / "probe.ckpt"
+    probe = Probe(depth=3, inner=ProbeInner("y"))
+    atomic_save({"state_dict": {}, "hyper_parameters": {"probe": probe}}, path)
+    with pytest.raises(Exception, match="Probe"):  # torch's default allow-list refuses it
+        torch.load(path, weights_only=True)
+    assert read_checkpoint(path)["hyper_parameters"]["probe"] == probe
+    assert {Probe, ProbeInner, Stage} <= set(safe_globals()) and Unnamed not in safe_globals()
+    atomic_save({"state_dict": {}, "hyper_parameters": {"other": Unnamed()}}, path)
+    with pytest.raises(UnsafeCheckpoint, match="Unnamed"):
+        read_checkpoint(path)
 
 
 def test_resume_through_the_plugin_continues_the_run(trainer_checkpoint, shapes_root, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_mllm.cli import run
+from lit_mllm.cli import COMMANDS, run
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
@@ -126,6 +126,53 @@ def test_help_explains_itself(args, expected, capsys):
         run(args)
     assert exit_.value.code == 0
     assert expected in " ".join(capsys.readouterr().out.split())  # help text is re-wrapped to the terminal
+
+
+def test_help_lists_every_command_with_its_summary(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    expected = {
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "describe",
+        "validate-data",
+        "estimate-memory",
+        "export",
+    }
+    assert expected | {"data"} == set(COMMANDS)
+    for name, command in COMMANDS.items():
+        assert f"lit-mllm {name} {command.usage}\n      {command.summary}\n" in out
+
+
+def test_no_command_prints_the_table_and_fails(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run([])
+    assert exit_.value.code == 2
+    assert "lit-mllm estimate-memory --config FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,close", [("fti", "fit"), ("valdate-data", "validate-data"), ("zzz", None)])
+def test_unknown_command_says_so_and_lists_the_commands(name, close, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run([name, "--config", QUICKSTART])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unknown command {name!r}" in err
+    assert ("did you mean" not in err) if close is None else (f"did you mean {close!r}" in err)
+    assert "fit, validate, test, predict, describe, validate-data, estimate-memory, export, data" in err
+
+
+def test_every_command_module_has_a_main():
+    import importlib
+    import inspect
+
+    for name, command in COMMANDS.items():
+        main = importlib.import_module(command.module).main
+        assert list(inspect.signature(main).parameters) == ["args"], name
 
 
 def test_unknown_class_is_a_clear_error(capsys, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_mllm.cli import build_cli
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.lit import PrefixFusionVLM
 from tests.stand_ins import with_stand_ins
 

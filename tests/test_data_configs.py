@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from lit_mllm.cli import build_cli
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.data import ShapesWorld
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-from lit_mllm.cli import LitMLLMCLI, build_cli
+from lit_mllm.commands.lightning import LitMLLMCLI, build_cli
 from lit_mllm.data import Conversations, MixtureData
 from lit_mllm.data.sample import Turn
 from lit_mllm.lit import PrefixFusionVLM
@@ -456,9 +456,9 @@ class ParseOnly(LitMLLMCLI):
 
 @pytest.mark.parametrize("path", STRATEGIES, ids=lambda p: p.name)
 def test_strategy_config_parses_stacked_on_the_quickstart(path, monkeypatch):
-    import lit_mllm.cli
+    import lit_mllm.commands.lightning
 
-    monkeypatch.setattr(lit_mllm.cli, "LitMLLMCLI", ParseOnly)
+    monkeypatch.setattr(lit_mllm.commands.lightning, "LitMLLMCLI", ParseOnly)
     cli = build_cli(["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(path)], run=False)
     assert cli.config.trainer.strategy.class_path.startswith("lightning.pytorch.strategies.")
     assert cli.config.model.class_path == "lit_mllm.lit.PrefixFusionVLM"  # the run config is kept

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from torch import nn
 
-from lit_mllm.cli import build_cli
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.data import collate, read_llava
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.lit.base import lm_loss

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from lit_mllm.commands.export import main as export_main
 from lit_mllm.data import Sample, collate, read_llava
 from lit_mllm.data.images import normalize
 from lit_mllm.data.layouts import AnyRes, Letterbox, Resize, ResizeCrop
@@ -25,13 +26,11 @@ from lit_mllm.nn.language import TinyLlama, TinyQwen2, Turn, VicunaV1
 from lit_mllm.nn.language.tokenizer import TINY_TOKENIZER_DIR
 from lit_mllm.nn.vision import HFVisionTower, TinyCLIPVision
 from lit_mllm.training import Stage
+from lit_mllm.training.checkpoints import WeightsMismatch, load_weights
 from lit_mllm.training.export import (
     UnsupportedExport,
-    WeightsMismatch,
     export_llava,
-    export_main,
     export_safetensors,
-    load_weights,
     vicuna_chat_template,
 )
 
@@ -334,7 +333,7 @@ def test_export_command_from_a_run_config_and_checkpoint(tmp_path, shapes_root):
     """What a user does after `lit-mllm fit`: the run's config.yaml (with the subcommand's keys) + a checkpoint."""
     from pathlib import Path
 
-    from lit_mllm.cli import build_cli
+    from lit_mllm.commands.lightning import build_cli
 
     quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
     args = [

@@ -14,13 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lit_mllm.commands.estimate_memory import main as estimate_memory_main
 from lit_mllm.training import Stage, apply_stage
 from lit_mllm.training.memory import (
     GIB,
     ElementBytes,
     block_shape,
     estimate_memory,
-    estimate_memory_main,
     probe_optimizer,
 )
 from tests.conftest import tiny_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_mllm.cli import build_cli
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.training import Stage
 from tests.conftest import tiny_model
 

@@ -292,7 +292,8 @@ def test_llava_export_after_a_lora_stage_gives_our_logits(tmp_path, shapes_root)
 
 
 def test_safetensors_export_after_a_lora_stage_loads_without_adapters(tmp_path, batch):
-    from lit_mllm.training.export import export_safetensors, load_weights
+    from lit_mllm.training.checkpoints import load_weights
+    from lit_mllm.training.export import export_safetensors
 
     model = tiny_model(lora_stage()).eval()
     randomize_adapters(model)
@@ -312,7 +313,7 @@ def test_safetensors_export_after_a_lora_stage_loads_without_adapters(tmp_path, 
 # -- YAML ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["lora", "pink"])
 def test_shipped_lora_stages_build_from_yaml(name, tmp_path, shapes_root):
-    from lit_mllm.cli import build_cli
+    from lit_mllm.commands.lightning import build_cli
 
     cli = build_cli(
         [
@@ -344,8 +345,8 @@ def test_export_command_merges_a_lora_run(tmp_path, shapes_root):
     folder and a safetensors folder whose config builds a model without adapters, all with the run's logits."""
     from transformers import LlavaForConditionalGeneration
 
-    from lit_mllm.cli import build_cli
-    from lit_mllm.training.export import export_main
+    from lit_mllm.commands.export import main as export_main
+    from lit_mllm.commands.lightning import build_cli
     from tests.test_export import batch_of, lightning_checkpoint
 
     args = [

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from lit_mllm.cli import build_cli, run
+from lit_mllm.cli import run
+from lit_mllm.commands.lightning import build_cli
 from lit_mllm.lit import PrefixFusionVLM
 from tests.stand_ins import with_stand_ins
 

@@ -289,7 +289,7 @@ def cli_args(shapes_root, tmp_path) -> list[str]:
 
 def test_schedule_yaml_builds_typed_stages(tmp_path, shapes_root):
     """The shipped schedule, over the quickstart (whose single stage it replaces), gives typed stages."""
-    from lit_mllm.cli import build_cli
+    from lit_mllm.commands.lightning import build_cli
 
     args = [*cli_args(shapes_root, tmp_path), "--model.init_args.stage", str(SCHEDULE)]
     schedule = build_cli(args, run=False).model.schedule

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lit_mllm.data.shapesworld import COLOURS, NUMBER_WORDS, SHAPES, Scene, Thing, article
+from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, Scene, Thing, article
 
 if TYPE_CHECKING:
     from lit_mllm.data.shapesworld import Extra, ShapesWorld

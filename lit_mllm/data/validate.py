@@ -1,7 +1,8 @@
-"""``lit-mllm validate-data --config FILE``: process every record of every source of a data config (parse,
-decode images, tokenize, expand image tokens, check length and supervision) and report samples per source
-and problems per reason, naming the records. Exits non-zero when the config's bad-sample policy would stop a
-run (``fail`` and any bad training sample, or ``skip`` above ``max_bad_fraction``).
+"""What ``lit-mllm validate-data --config FILE`` (:mod:`lit_mllm.commands.validate_data`) does: process every
+record of every source of a data config (parse, decode images, tokenize, expand image tokens, check length and
+supervision) and report samples per source and problems per reason, naming the records; say whether the
+config's bad-sample policy would stop a run (``fail`` and any bad training sample, or ``skip`` above
+``max_bad_fraction``).
 """
 
 from __future__ import annotations
@@ -74,24 +75,3 @@ def would_stop(dm: MixtureData, report: Report) -> str | None:
     if total and bad > dm.max_bad_fraction * total:
         return f"{bad} of {total} training samples are bad, over data.max_bad_fraction={dm.max_bad_fraction}"
     return None
-
-
-def validate_main(args: list[str]) -> Report:
-    """Build the config's model (for its processor) and DataModule, scan, print; exit 1 if a run would stop."""
-    from lit_mllm.cli import build_cli
-
-    cli = build_cli(args, run=False)
-    dm = cli.datamodule
-    if not isinstance(dm, MixtureData):
-        raise SystemExit(
-            f"validate-data needs a lit_mllm.data.MixtureData DataModule, got {type(dm).__name__}"
-        )
-    dm.prepare_data()
-    report = scan(dm)
-    print(render(report))
-    reason = would_stop(dm, report)
-    if reason:
-        print(f"\nA run would stop: {reason}.")
-        raise SystemExit(1)
-    print("\nNo problem would stop a run.")
-    return report

@@ -44,6 +44,7 @@ from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flo
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
+from lit_mllm.training.checkpoints import load_weights
 from lit_mllm.training.peft import add_lora
 from lit_mllm.training.stages import (
     Milestone,
@@ -158,8 +159,6 @@ class VLMModule(L.LightningModule):
             add_lora(parts[name], spec, name)
         apply_stage(parts, self.stage)
         if init_from is not None:
-            from lit_mllm.training.export import load_weights
-
             load_weights(self, init_from)
 
     # -- what a family provides -------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""Loading trained weights into a model built from its config, and exporting the result.
-
-    lit-mllm export --config FILE [--ckpt_path CKPT] --out DIR [--format llava|safetensors]
+"""Exporting a trained model (``lit-mllm export``, :mod:`lit_mllm.commands.export`).
 
 Our checkpoints hold only the weights a stage trains (+ optimizer state); frozen weights are rebuilt from the
-config's sources. So a trained model is: build from the config, then :func:`load_weights` (a non-strict load in
-which every tensor of the file must land on a parameter or buffer of the model).
+config's sources. So a trained model is: build from the config, then
+:func:`~lit_mllm.training.checkpoints.load_weights` (a non-strict load in which every tensor of the file must land
+on a parameter or buffer of the model).
 
 Two export formats:
 
@@ -26,17 +25,14 @@ written safetensors config drops the stage's ``lora`` accordingly.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 
 from lit_mllm.lit.prefix import PrefixFusionVLM
 from lit_mllm.nn.connectors import LinearConnector, MLPConnector
@@ -46,110 +42,16 @@ from lit_mllm.nn.vision.hf import HFVisionTower
 
 FORMATS = ("llava", "safetensors")
 LLAVA_TOWER_TYPES = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
-# Keys of a run's saved config.yaml that belong to the subcommand (fit/validate/test/predict), not to the
-# trainer/model/data the export builds.
-
-
-class WeightsMismatch(ValueError):
-    """A weights file does not fit the model it is loaded into."""
 
 
 class UnsupportedExport(ValueError):
     """The model has a part the requested export format cannot express."""
 
 
-# -- loading ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoadedWeights:
-    """What :func:`load_weights` did."""
-
-    path: Path
-    loaded: list[str]
-    """Names of the model's tensors set from the file."""
-    missing: list[str]
-    """Names of the model's parameters and buffers the file does not hold: they keep the values the config built
-    (for a checkpoint of ours, the frozen parts, rebuilt from their sources)."""
-    stage: str | None = None
-    """Stage that wrote the checkpoint, when it says."""
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
-    """The tensors of a ``.safetensors`` file or of a Lightning checkpoint's ``state_dict``, and the stage that
-    wrote the checkpoint (None if it does not say). Checkpoints are read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}: give a Lightning .ckpt or a .safetensors file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu"), None
-    from lit_mllm.training.checkpoints import read_checkpoint
-
-    try:
-        checkpoint = read_checkpoint(path)  # weights_only=True, our stage dataclasses allowed
-    except Exception as e:  # pickle errors come in many types; all mean the same here
-        raise WeightsMismatch(
-            f"could not read {path} as a Lightning checkpoint with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else e}); give a Lightning .ckpt or a .safetensors file"
-        ) from e
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise WeightsMismatch(
-            f"{path} is not a Lightning checkpoint (no 'state_dict' in it); give a Lightning .ckpt or a "
-            ".safetensors file"
-        )
-    ours = checkpoint.get("lit_mllm")  # written by VLMModule.on_save_checkpoint
-    return checkpoint["state_dict"], ours.get("stage") if isinstance(ours, dict) else None
-
-
-def load_weights(module: nn.Module, path: str | Path) -> LoadedWeights:
-    """Load a Lightning ``.ckpt`` or a ``.safetensors`` file into ``module`` (built from its config) in place.
-
-    Non-strict the way our checkpoints need (a stage's checkpoint holds only the weights it trains; the rest keep
-    the values the config built), but every tensor of the file must match a parameter or buffer of ``module`` by
-    name and shape: a tensor that matches nothing raises :class:`WeightsMismatch` naming it (and the closest name
-    the module has), as does a shape mismatch. Returns what was loaded and what was left as built.
-    """
-    path = Path(path)
-    state, stage = read_weights(path)
-    own = module.state_dict()
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        close = difflib.get_close_matches(unexpected[0], list(own), n=1)
-        hint = f"; the closest name in the model is {close[0]!r}" if close else ""
-        raise WeightsMismatch(
-            f"{len(unexpected)} of the {len(state)} tensors in {path} match no parameter or buffer of "
-            f"{type(module).__name__}, e.g. {unexpected[:3]}{hint}. The file was written for another model: "
-            "build the model from the config it was trained with"
-        )
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
-    if shapes:
-        listed = ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in shapes[:3])
-        raise WeightsMismatch(
-            f"{len(shapes)} tensors in {path} have another shape than in {type(module).__name__} ({listed}); "
-            "the config builds parts of other sizes than the ones trained: use the config of the run"
-        )
-    result = module.load_state_dict(state, strict=False)
-    # A tied weight (e.g. lm_head = embed_tokens) is stored once; its other name is set through the tie.
-    loaded_storage = {own[k].data_ptr() for k in state if own[k].numel()}
-    missing = sorted(k for k in result.missing_keys if own[k].data_ptr() not in loaded_storage)
-    loaded = sorted(k for k in own if k not in missing)
-    rank_zero_info(
-        f"loaded {len(state)} tensors from {path}"
-        + (f" (written by stage {stage!r})" if stage else "")
-        + (
-            f"; {len(missing)} of {type(module).__name__}'s tensors are not in it and keep the values the config "
-            f"built (e.g. {missing[:2]})"
-            if missing
-            else ""
-        )
-    )
-    return LoadedWeights(path=path, loaded=loaded, missing=missing, stage=stage)
-
-
 def with_adapters_merged(model: nn.Module) -> nn.Module:
     """``model`` with its LoRA adapters merged into the base weights, as an export writes it: ``model`` itself when
     it holds none, else a merged copy (the caller's model keeps its adapters; the copy costs the memory of the
-    model's weights; :func:`export_main` merges its own model in place instead)."""
+    model's weights; ``lit-mllm export`` merges its own model in place instead)."""
     from lit_mllm.training.peft import has_adapters, merge_adapters
 
     if not has_adapters(model):
@@ -478,39 +380,3 @@ def export_safetensors(model: nn.Module, config: str | dict[str, Any], out: str 
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     rank_zero_info(f"wrote {weights} and {out / 'config.yaml'}")
     return out
-
-
-# -- the command ------------------------------------------------------------------------------------------------
-def export_main(args: list[str]) -> Path:
-    """``lit-mllm export``: build the model of a config, load a checkpoint into it, write it in a format."""
-    parser = argparse.ArgumentParser(
-        prog="lit-mllm export",
-        allow_abbrev=False,
-        description=(
-            "Build the model of a config (--config FILE, repeatable, and any --model... option as in `lit-mllm "
-            "fit`), load trained weights into it and write it out. `llava`: a transformers "
-            "LlavaForConditionalGeneration folder (CLIP/SigLIP tower + 2-layer MLP connector); `safetensors`: "
-            "model.safetensors + config.yaml for `lit-mllm predict --config DIR/config.yaml` (any model)."
-        ),
-    )
-    parser.add_argument(
-        "--ckpt_path", default=None, help="Lightning .ckpt or .safetensors to load; default none"
-    )
-    parser.add_argument("--out", required=True, help="Folder to write")
-    parser.add_argument("--format", choices=FORMATS, default="llava", help="Export format (default: llava)")
-    known, rest = parser.parse_known_args(args)
-    from lit_mllm.cli import build_cli
-
-    cli = build_cli(rest, run=False)
-    model = cli.model
-    if known.ckpt_path is not None:
-        load_weights(model, known.ckpt_path)
-    model.eval()
-    from lit_mllm.training.peft import merge_adapters
-
-    merge_adapters(model)  # in place: this model is built for the export alone (no copy needed)
-    if known.format == "llava":
-        return export_llava(model, known.out)
-    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-    drop_adapters_from_config(config["model"])  # the written config must build a model without adapters
-    return export_safetensors(model, config, known.out)

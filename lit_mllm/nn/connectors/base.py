@@ -15,6 +15,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -36,6 +37,21 @@ class Connector(nn.Module, ABC):
     @abstractmethod
     def forward(self, features: Tensor) -> Tensor:
         """``[B, N, in_dim] -> [B, T, out_dim]``."""
+
+
+def connector_flops(connector: Connector, num_features: int) -> int:
+    """Forward FLOPs of ``connector`` for one image (``[1, N, D_v]``, N = ``num_features``), counted by
+    ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs).
+
+    Runs with autograd on (the graph is dropped): under ``no_grad`` an ``expand`` view of a parameter trips the
+    counter's module hooks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(connector.parameters())
+    x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
+    with FlopCounterMode(display=False) as counter:
+        connector(x)
+    return counter.get_total_flops()
 
 
 # -- square patch grids: features in raster (row-major) order, prefix tokens (CLS, registers) dropped ------------
@@ -76,21 +92,6 @@ def to_grid(features: Tensor, side: int) -> Tensor:
 def from_grid(grid: Tensor) -> Tensor:
     """Channels-first grid back to raster-order tokens: ``[B, D, H, W] -> [B, H*W, D]``."""
     return grid.flatten(2).transpose(1, 2)
-
-
-def connector_flops(connector: Connector, num_features: int) -> int:
-    """Forward FLOPs of the connector for one image (``[1, N, D_v]``), counted by ``torch.utils.flop_counter``.
-
-    Runs with autograd on (the graph is dropped): under ``no_grad`` an ``expand`` view of a parameter trips the
-    counter's module hooks."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(connector.parameters())
-    x = torch.zeros(1, num_features, connector.in_dim, dtype=param.dtype, device=param.device)
-    with FlopCounterMode(display=False) as counter:
-        connector(x)
-    return counter.get_total_flops()
 
 
 ConnectorFactory = Callable[[int, int], Connector]
