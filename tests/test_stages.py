@@ -101,8 +101,12 @@ def test_train_last_blocks_of_the_tower(shapes_root):
     assert trained and all(p.requires_grad == (id(p) in trained) for p in tower.parameters())
     model.train()
     assert not first.training and not tower.model.embeddings.training and all(b.training for b in last)
-    assert "last 2 blocks of vision_tower" in trainable_table(model.parts(), stage)
-    assert "partial" in trainable_table(model.parts(), stage)
+    table = trainable_table(model.parts(), stage)
+    assert "last 2 blocks of vision_tower" in table
+    rows = {r.rsplit(maxsplit=3)[0].strip(): r.rsplit(maxsplit=3)[1:] for r in table.splitlines()[3:-2]}
+    n_last = sum(p.numel() for b in last for p in b.parameters())
+    assert rows["vision_tower[last 2 blocks]"] == [f"{n_last:,}", f"{n_last:,}", "train"]  # a derived part
+    assert rows["vision_tower"][1:] == ["0", "eval"]  # the rest of the tower
 
     proc = model.processor()
     batch = collate(
