@@ -419,13 +419,20 @@ class Ownership:
                         self.owner[key] = winner
 
     def parent(self, part: Part) -> Part | None:
-        """The innermost other part whose modules contain all of ``part``'s (for the table's indentation)."""
-        module = part.modules[0]
-        while id(module) in self._parent_of:
-            module = self._parent_of[id(module)]
-            for outer in sorted(self._roots.get(id(module), []), key=lambda p: -p.rank):
-                if outer is not part and all(id(m) in self._subtree[id(outer)] for m in part.modules):
-                    return outer
+        """The innermost other part whose modules contain all of ``part``'s (for the table's indentation); of parts
+        made of the same modules, the lower ranked sits under the higher."""
+        inside = self._subtree[id(part)]
+
+        def holds(outer: Part) -> bool:
+            around = self._subtree[id(outer)]
+            return outer is not part and inside <= around and (inside != around or outer.rank > part.rank)
+
+        module: nn.Module | None = part.modules[0]
+        while module is not None:
+            candidates = [p for p in self._roots.get(id(module), []) if holds(p)]
+            if candidates:
+                return min(candidates, key=lambda p: (len(self._subtree[id(p)]), -p.rank))
+            module = self._parent_of.get(id(module))
         return None
 
     def tree(self) -> Iterator[tuple[int, Part]]:
