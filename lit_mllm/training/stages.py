@@ -87,7 +87,8 @@ class Stage:
     lr_scale: dict[str, float] = field(default_factory=dict)
     """Learning-rate multiplier per part (default 1): CogVLM trains its LLM at ``{language_model: 0.1}``. A nested
     named part does not inherit its parent's (it gets its own entry or 1); the derived parts of ``train_last_blocks``
-    and ``lora`` take the scale of the part they are declared on. A dotted name here must also be in ``trainable``."""
+    and ``lora`` take the scale of the part they are declared on. A dotted name here must name a part the stage
+    trains."""
     lora: dict[str, LoRA] = field(default_factory=dict)
     """LoRA adapters per part; of a part named here only the adapters train (the derived part
     ``language_model[LoRA]``, at the part's ``lr_scale``), unless the part is also in ``trainable`` (then all of it).
@@ -154,12 +155,18 @@ class Stage:
         quantized = sorted(
             p
             for p, spec in self.lora.items()
-            if spec.quantize_base and (p in self.trainable or p in self.train_last_blocks)
+            if spec.quantize_base
+            and (
+                p in self.trainable
+                or p in self.train_last_blocks
+                or any(n.startswith(p + ".") for n in self.trainable)
+            )
         )
         if quantized:
             raise ValueError(
                 f"stage {self.name!r} quantizes the base weights of {quantized} to 4 bits (lora quantize_base) and "
-                "also trains them (trainable / train_last_blocks); 4-bit weights cannot train: drop one of the two"
+                "also trains them (in trainable, whole or by a dotted path, or train_last_blocks); 4-bit weights "
+                "cannot train: drop one of the two"
             )
 
     def describe(self) -> str:
@@ -364,9 +371,7 @@ class Ownership:
             for i, (name, value) in enumerate(parts.items())
         ]
         dotted = [n for n in stage.names() if n not in parts]
-        ranks = (
-            len(parts) + len(stage.train_last_blocks) + len(stage.lora)
-        )  # dotted names above derived parts
+        ranks = len(parts) + len(stage.train_last_blocks) + len(stage.lora)  # dotted names over derived parts
         declared += [
             Part(n, resolve(parts, n), n in stage.trainable, lr.get(n, 1.0), "stage", ranks + i)
             for i, n in enumerate(dotted)
