@@ -133,9 +133,11 @@ def test_table_shows_the_adapters():
     n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert n_lora == adapter_parameter_count(model.language_model) > 0
     header, _, *rows = table.splitlines()[1:]
-    assert header.split() == ["part", "parameters", "trainable", "lora", "mode"]
+    assert header.split() == ["part", "parameters", "trainable", "mode"]
     lm_row = next(r for r in rows if r.startswith("language_model")).split()
-    assert lm_row == ["language_model", lm_row[1], f"{n_lora:,}", f"{n_lora:,}", "partial"]
+    assert lm_row == ["language_model", lm_row[1], "0", "eval"]  # the frozen rest of the LLM
+    lora_row = next(r for r in rows if r.startswith("  language_model[LoRA]")).split()  # nested under it
+    assert lora_row == ["language_model[LoRA]", f"{n_lora:,}", f"{n_lora:,}", "train"]
     assert "trains connector, LoRA r=4 on q_proj, v_proj of language_model" in table
 
 
@@ -143,7 +145,7 @@ def test_lr_scale_reaches_the_adapters():
     model = tiny_model(lora_stage(lr_scale={"language_model": 0.1}))
     model.optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)
     optimizer = model.configure_optimizers()
-    lm = [g for g in optimizer.param_groups if g["part"] == "language_model"]
+    lm = [g for g in optimizer.param_groups if g["part"] == "language_model[LoRA]"]
     assert lm and all(g["lr"] == pytest.approx(1e-4) for g in lm)
     assert {id(p) for g in lm for p in g["params"]} == {
         id(p) for n, p in model.named_parameters() if ".lora_" in n
