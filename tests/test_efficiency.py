@@ -24,6 +24,7 @@ from lit_mllm.lit.base import lm_loss
 from lit_mllm.nn.language import LanguageModel, TinyLlama
 from lit_mllm.nn.vision import FusedTowers, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.training import Stage
+from lit_mllm.training.stages import state_name
 from lit_mllm.training.efficiency import AdamW8bit, GlobalBatchSize
 from tests.conftest import shapes_data, tiny_model
 from tests.stand_ins import save_open_clip
@@ -79,7 +80,7 @@ def llm_backward(lm: TinyLlama, trains: bool) -> dict:
     x = torch.randn(2, 7, lm.hidden_size, requires_grad=True)  # [B, L, D]
     logits, kept = saved_for_backward(lambda: lm(x))
     (logits.float().square().mean()).backward()
-    grads = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
+    grads = {state_name(n): p.grad for n, p in lm.named_parameters() if p.grad is not None}
     return {"x": x.grad, "params": grads, "kept": kept, "calls": calls[0], "logits": logits.detach()}
 
 
@@ -214,7 +215,7 @@ def test_model_step_equal_with_checkpointing(pair):
         model.train()
         loss = model.training_step(pair, 0)
         loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads = {state_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a)
