@@ -24,8 +24,8 @@ from lit_mllm.lit.base import lm_loss
 from lit_mllm.nn.language import LanguageModel, TinyLlama
 from lit_mllm.nn.vision import FusedTowers, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.training import Stage
-from lit_mllm.training.stages import state_name
 from lit_mllm.training.efficiency import AdamW8bit, GlobalBatchSize
+from lit_mllm.training.stages import state_name
 from tests.conftest import shapes_data, tiny_model
 from tests.stand_ins import save_open_clip
 

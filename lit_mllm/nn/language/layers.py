@@ -77,7 +77,9 @@ class DecoderLayerWrapper(nn.Module):
         super().__init__()
         self.decoder_layer = decoder_layer
 
-    def call_layer(self, hidden_states: Tensor, *args: Any, layer_inputs: LayerInputs | None = None, **kwargs):
+    def call_layer(
+        self, hidden_states: Tensor, *args: Any, layer_inputs: LayerInputs | None = None, **kwargs
+    ):
         """Run the wrapped layer; ``layer_inputs`` goes on only to a wrapper nested inside this one."""
         if isinstance(self.decoder_layer, DecoderLayerWrapper):
             kwargs[LAYER_INPUTS] = layer_inputs
