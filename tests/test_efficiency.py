@@ -21,7 +21,7 @@ from lit_mllm.cli import build_cli
 from lit_mllm.data import collate, read_llava
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.lit.base import lm_loss
-from lit_mllm.nn.language import LanguageModel, TinyLlama
+from lit_mllm.nn.language import LanguageModel, TinyLlama, bare_layer
 from lit_mllm.nn.vision import FusedTowers, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.training import Stage
 from lit_mllm.training.efficiency import AdamW8bit, GlobalBatchSize
@@ -75,7 +75,7 @@ def llm_backward(lm: TinyLlama, trains: bool) -> dict:
     (the connector's output in the align stage)."""
     lm.train(trains)
     lm.requires_grad_(trains)
-    calls = count_calls(lm.decoder_layers[0].self_attn)
+    calls = count_calls(bare_layer(lm.decoder_layers[0]).self_attn)
     torch.manual_seed(1)
     x = torch.randn(2, 7, lm.hidden_size, requires_grad=True)  # [B, L, D]
     logits, kept = saved_for_backward(lambda: lm(x))
@@ -107,7 +107,7 @@ def test_llm_checkpointing_same_gradients_recomputed(trains):
 
 def test_llm_checkpointing_needs_autograd():
     lm = tiny_llm(gradient_checkpointing=True)
-    calls = count_calls(lm.decoder_layers[0].self_attn)
+    calls = count_calls(bare_layer(lm.decoder_layers[0]).self_attn)
     with torch.no_grad():
         logits = lm(torch.randn(1, 5, 64))
         lm.generate(lm.embed(torch.tensor([[5, 6, 7]])), torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
