@@ -21,10 +21,11 @@ from lit_mllm.commands.lightning import build_cli
 from lit_mllm.data import collate, read_llava
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.lit.base import lm_loss
-from lit_mllm.nn.language import LanguageModel, TinyLlama
+from lit_mllm.nn.language import LanguageModel, TinyLlama, bare_layer
 from lit_mllm.nn.vision import FusedTowers, OpenCLIPTower, TinyCLIPVision
 from lit_mllm.training import Stage
 from lit_mllm.training.efficiency import AdamW8bit, GlobalBatchSize
+from lit_mllm.training.stages import state_name
 from tests.conftest import shapes_data, tiny_model
 from tests.stand_ins import save_open_clip
 
@@ -74,12 +75,12 @@ def llm_backward(lm: TinyLlama, trains: bool) -> dict:
     (the connector's output in the align stage)."""
     lm.train(trains)
     lm.requires_grad_(trains)
-    calls = count_calls(lm.decoder_layers[0].self_attn)
+    calls = count_calls(bare_layer(lm.decoder_layers[0]).self_attn)
     torch.manual_seed(1)
     x = torch.randn(2, 7, lm.hidden_size, requires_grad=True)  # [B, L, D]
     logits, kept = saved_for_backward(lambda: lm(x))
     (logits.float().square().mean()).backward()
-    grads = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
+    grads = {state_name(n): p.grad for n, p in lm.named_parameters() if p.grad is not None}
     return {"x": x.grad, "params": grads, "kept": kept, "calls": calls[0], "logits": logits.detach()}
 
 
@@ -106,7 +107,7 @@ def test_llm_checkpointing_same_gradients_recomputed(trains):
 
 def test_llm_checkpointing_needs_autograd():
     lm = tiny_llm(gradient_checkpointing=True)
-    calls = count_calls(lm.decoder_layers[0].self_attn)
+    calls = count_calls(bare_layer(lm.decoder_layers[0]).self_attn)
     with torch.no_grad():
         logits = lm(torch.randn(1, 5, 64))
         lm.generate(lm.embed(torch.tensor([[5, 6, 7]])), torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
@@ -214,7 +215,7 @@ def test_model_step_equal_with_checkpointing(pair):
         model.train()
         loss = model.training_step(pair, 0)
         loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads = {state_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a)

@@ -90,7 +90,9 @@ class CheckpointOnSigterm(L.Callback):
 
 def part_blocks(part: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a part: a vision tower's ``blocks`` (none if it exposes none), a language model's
-    decoder layers; none for other parts."""
+    decoder layers (a family's layer wrapper with its HF layer inside, the checkpoint / compile wrappers left out:
+    those go around the FSDP unit); none for other parts."""
+    from lit_mllm.nn.language.layers import without_efficiency
     from lit_mllm.nn.language.model import LanguageModel
     from lit_mllm.nn.vision.base import VisionTower
 
@@ -100,13 +102,7 @@ def part_blocks(part: nn.Module) -> list[nn.Module]:
         except NotImplementedError:
             return []
     if isinstance(part, LanguageModel):
-        layers = getattr(part.model.get_decoder(), "layers", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise ValueError(
-                f"{type(part.model).__name__}'s decoder keeps its layers somewhere other than `.layers`; give "
-                "FSDPStrategy an auto_wrap_policy naming its decoder-layer class instead of PartBlocks"
-            )
-        return list(layers)
+        return [without_efficiency(layer) for layer in part.decoder_layers]
     return []
 
 

@@ -81,6 +81,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lit_mllm.nn.language.layers import bare_layer
+
 PRECISIONS = ("32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed")
 _LEGACY_PRECISIONS = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 GIB = 2**30
@@ -234,13 +236,6 @@ def block_shape(block: nn.Module, width: int, kv_width: int | None = None) -> Bl
     )
     fused_norm = any(isinstance(m, (nn.LayerNorm, nn.RMSNorm)) for m in block.modules())
     return BlockShape(width, kv_width or width, inner, 2 if fused_norm else 3, mlp)
-
-
-def _find_blocks(module: nn.Module, count: int) -> nn.ModuleList:
-    for m in module.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == count:
-            return m
-    raise ValueError(f"could not find the {count} decoder layers of {type(module).__name__}")
 
 
 def _hf_config(module: nn.Module):
@@ -629,7 +624,7 @@ def estimate_memory(
     eb = element_bytes(lm)
     act = eb.act
     config = _hf_config(lm)
-    layers = _find_blocks(hf, config.num_hidden_layers)
+    layers = lm.decoder_layers  # entries: a family's wrapper weights count with their layer
     width = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or width // heads
@@ -656,7 +651,7 @@ def estimate_memory(
             continue
         flows = True
         grad_path.append(layer)
-        shape = block_shape(layer, width, kv_kept)
+        shape = block_shape(bare_layer(layer), width, kv_kept)
         d_terms, i_terms = shape.backward_elements(trains)
         working.append(tokens * (d_terms * eb.residual + i_terms * act))
         extra = 0
@@ -673,7 +668,7 @@ def estimate_memory(
     lm_act = sum(kept)
     embed_ids = {id(p) for p in embed.parameters()}
     tail_trains = any(p.requires_grad for p in unique_params(hf) if id(p) not in layer_ids | embed_ids)
-    norm_terms = block_shape(layers[-1], width, kv_width).norm_terms
+    norm_terms = block_shape(bare_layer(layers[-1]), width, kv_width).norm_terms
     head = hf.get_output_embeddings()
     head_trains = head is not None and _trains(head)
     positions = round(rows * supervised)

@@ -1,4 +1,5 @@
-"""Language models (Hugging Face causal LMs + tokenizer + chat format) and chat formats."""
+"""Language models (Hugging Face causal LMs + tokenizer + chat format), chat formats, and the way into the decoder
+layers (a family's layer wrapper and its per-layer inputs)."""
 
 from lit_mllm.nn.language.chat import (
     ChatFormat,
@@ -9,6 +10,7 @@ from lit_mllm.nn.language.chat import (
     VicunaV1,
     encode_conversation,
 )
+from lit_mllm.nn.language.layers import DecoderLayerWrapper, LayerInputs, bare_layer
 from lit_mllm.nn.language.model import LanguageModel, TinyLlama, TinyQwen2
 
 __all__ = [
@@ -22,4 +24,7 @@ __all__ = [
     "LanguageModel",
     "TinyLlama",
     "TinyQwen2",
+    "DecoderLayerWrapper",
+    "LayerInputs",
+    "bare_layer",
 ]

@@ -4,27 +4,40 @@ presets (Llama-like and Qwen2-like) built from a config and the shipped tiny tok
 The wrapper adds the image placeholder token (resizing embeddings when it is new), picks a pad token,
 and exposes the three things a family needs: ``embed`` ids, run the decoder on embeddings, ``generate``.
 
-Two efficiency options act on the decoder layers, each layer keeping its parameter names:
+The decoder layers are one ``nn.ModuleList``, :attr:`LanguageModel.decoder_layers`, found once when the model is
+built; the memory estimator, the FSDP policy and the efficiency options all use it. A family reaches into chosen
+layers by composition, :meth:`LanguageModel.wrap_decoder_layers` with a
+:class:`~lit_mllm.nn.language.layers.DecoderLayerWrapper`, and hands them per-call inputs through ``layer_inputs``
+(see :mod:`lit_mllm.nn.language.layers`).
+
+Two efficiency options wrap each decoder-layer entry, outermost whenever a family wraps its layers, leaving the
+state-dict keys unchanged (checkpoints and exports do not depend on them):
 
 * ``gradient_checkpointing``: a layer keeps only its inputs for the backward pass and recomputes the rest
   (``torch.utils.checkpoint``, non-reentrant) whenever it runs with autograd, whether the LLM trains or is frozen
   and only passes gradients on to the connector (LLaVA's align stage; a frozen LLM stays in eval mode, where
   ``transformers``' own checkpointing would be off).
-* ``compile``: each layer's ``forward`` goes through ``torch.compile`` (regional compilation: one layer's graph,
-  reused by all layers of the same class), inside the checkpoint when both are on.
+* ``compile``: each layer goes through ``torch.compile`` (regional compilation: one layer's graph, reused by all
+  layers of the same class), inside the checkpoint when both are on.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lit_mllm.nn.language.chat import ChatFormat, TokenizerTemplate, VicunaV1
+from lit_mllm.nn.language.layers import (
+    LAYER_INPUTS,
+    CompiledLayer,
+    LayerInputs,
+    bare_layer,
+    checkpointed,
+    without_efficiency,
+)
 from lit_mllm.nn.language.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER_DIR
 
 
@@ -69,7 +82,7 @@ class LanguageModel(nn.Module):
             trust_remote_code=trust_remote_code,
         )
         self._wrap(model, tok, chat_format or TokenizerTemplate(), image_token)
-        self._set_layer_forwards(gradient_checkpointing, compile)
+        self._set_efficiency(gradient_checkpointing, compile)
 
     def _wrap(self, model: nn.Module, tokenizer, chat_format: ChatFormat, image_token: str) -> None:
         if image_token not in tokenizer.get_vocab():
@@ -101,17 +114,53 @@ class LanguageModel(nn.Module):
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.gradient_checkpointing = False
         self.compiled = False
+        self._compile_options: dict[str, Any] | None = None
+        self._layers_path = _find_decoder_layers(model)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        """The decoder's transformer layers, input side first (the model's own modules)."""
-        return _decoder_layers(self.model)
+        """The decoder's layers, input side first: the model's own ``nn.ModuleList`` as it sits, so an entry is
+        the HF layer or its wrappers (``gradient_checkpointing`` / ``compile`` outermost, then a family's
+        :class:`~lit_mllm.nn.language.layers.DecoderLayerWrapper`); :func:`~lit_mllm.nn.language.layers.bare_layer`
+        gives the HF layer inside an entry."""
+        return self.model.get_submodule(self._layers_path)
 
-    def _set_layer_forwards(self, gradient_checkpointing: bool, compile: bool | dict[str, Any]) -> None:
-        """Route every decoder layer's forward through the checkpoint and/or ``torch.compile``.
+    def wrap_decoder_layers(
+        self, wrap: Callable[[int, nn.Module], nn.Module], indices: Iterable[int] | None = None
+    ) -> None:
+        """Replace the chosen decoder layers by ``wrap(index, layer)``, a family's module around each (Flamingo:
+        ``range(0, n, 4)``; CogVLM: all).
 
-        The layer keeps its class, parameter names and hooks; only its ``forward`` attribute is set (a deep copy, as
-        weight-averaging callbacks make, computes with the copy's weights)."""
+        ``layer`` is the entry without the efficiency wrappers (the HF layer, or an earlier family wrapper), and
+        ``wrap`` must return a :class:`~lit_mllm.nn.language.layers.DecoderLayerWrapper` around it (or ``layer``
+        itself to leave it as it is). ``gradient_checkpointing`` and ``compile``, set when the model was built, are
+        put back around the result, so they stay outermost and cover the family's computation too.
+
+        Args:
+            wrap: ``(index, layer) -> wrapped layer``; the index is the layer's position, input side first.
+            indices: The layers to wrap; None wraps every layer.
+        """
+        layers = self.decoder_layers
+        chosen = list(range(len(layers))) if indices is None else [int(i) for i in indices]
+        bad = [i for i in chosen if not 0 <= i < len(layers)]
+        if bad or len(set(chosen)) != len(chosen):
+            raise ValueError(
+                f"wrap_decoder_layers: indices {chosen} must be distinct layer positions in 0..{len(layers) - 1} "
+                f"({type(self.model).__name__} has {len(layers)} decoder layers)"
+            )
+        for index in chosen:
+            inner = without_efficiency(layers[index])
+            wrapped = wrap(index, inner)
+            if not isinstance(wrapped, nn.Module) or bare_layer(wrapped) is not bare_layer(inner):
+                raise TypeError(
+                    f"wrap_decoder_layers: wrap({index}, layer) returned {type(wrapped).__name__}, which does not "
+                    "hold the layer it was given; return a DecoderLayerWrapper built around that layer "
+                    "(lit_mllm.nn.language.layers.DecoderLayerWrapper)"
+                )
+            layers[index] = self._with_efficiency(wrapped)
+
+    def _set_efficiency(self, gradient_checkpointing: bool, compile: bool | dict[str, Any]) -> None:
+        """Wrap every decoder layer in the checkpoint and/or the compiled-layer wrapper."""
         if compile is True:
             options: dict[str, Any] | None = {}
         elif compile is False:
@@ -122,41 +171,56 @@ class LanguageModel(nn.Module):
             raise TypeError(f"compile must be true/false or a dict of torch.compile options, got {compile!r}")
         self.gradient_checkpointing = gradient_checkpointing
         self.compiled = options is not None
-        if not gradient_checkpointing and options is None:
-            return
-        compiled: dict[type, Callable] = {}  # one compiled forward per layer class, shared by its layers
-        for layer in self.decoder_layers:
-            fn = None
-            if options is not None:
-                fn = compiled.setdefault(type(layer), torch.compile(type(layer).forward, **options))
-            layer.forward = _LayerForward(layer, gradient_checkpointing, fn)
+        self._compile_options = options
+        layers = self.decoder_layers
+        for index, layer in enumerate(layers):
+            layers[index] = self._with_efficiency(without_efficiency(layer))
+
+    def _with_efficiency(self, layer: nn.Module) -> nn.Module:
+        """``layer`` compiled (when ``compile``) inside the checkpoint (when ``gradient_checkpointing``)."""
+        if self._compile_options is not None:
+            layer = CompiledLayer(layer, self._compile_options)
+        if self.gradient_checkpointing:
+            layer = checkpointed(layer)
+        return layer
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """``[B, L] -> [B, L, D]`` token embeddings."""
         return self.model.get_input_embeddings()(input_ids)
 
     def forward(
-        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        layer_inputs: LayerInputs | None = None,
     ) -> Tensor:
         """``[B, L, D] -> [B, L, V]`` logits. Packed rows pass ``position_ids`` (restarting at 0 per sample) and no
-        attention mask: the model then masks attention block-diagonally."""
+        attention mask: the model then masks attention block-diagonally. ``layer_inputs`` reaches every decoder
+        layer call (see :mod:`lit_mllm.nn.language.layers`)."""
         return self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **_layer_kwargs(layer_inputs),
         ).logits
 
     def hidden_states(
-        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        layer_inputs: LayerInputs | None = None,
     ) -> Tensor:
-        """``[B, L, D] -> [B, L, D]`` final hidden states (after the last norm), before the vocabulary projection."""
-        decoder = self.model.get_decoder()
-        out = decoder(
+        """``[B, L, D] -> [B, L, D]`` final hidden states (after the last norm), before the vocabulary projection;
+        arguments as in :meth:`forward`."""
+        out = self.model.get_decoder()(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **_layer_kwargs(layer_inputs),
         )
         return out.last_hidden_state
 
@@ -165,40 +229,64 @@ class LanguageModel(nn.Module):
         return self.model.get_output_embeddings()(hidden)
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
-        """Greedy/sampled continuation with a KV cache; returns only the new token ids ``[B, L_new]``."""
+    def generate(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, layer_inputs: LayerInputs | None = None, **kwargs
+    ) -> Tensor:
+        """Greedy/sampled continuation with a KV cache; returns only the new token ids ``[B, L_new]``. ``kwargs``
+        are ``transformers``' generation options; ``layer_inputs`` reaches every decoder-layer call of every step.
+
+        ``transformers``' ``generate`` refuses keyword arguments its model's ``forward`` does not name, so the
+        layer inputs are added to each forward call of this one ``generate`` by a keyword pre-hook on the causal
+        LM, removed when it returns (nothing is left on the model or its layers)."""
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        extra = _layer_kwargs(layer_inputs)
+        if not extra:
+            return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        for option in ("num_beams", "num_return_sequences"):
+            if kwargs.get(option, 1) != 1:
+                raise ValueError(
+                    f"generate with layer_inputs needs {option}=1: transformers would repeat the rows of the batch "
+                    "but not those of the layer inputs"
+                )
+
+        def add_layer_inputs(module: nn.Module, args: tuple, call_kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**call_kwargs, **extra}
+
+        handle = self.model.register_forward_pre_hook(add_layer_inputs, with_kwargs=True)
+        try:
+            return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        finally:
+            handle.remove()
 
 
-class _LayerForward:
-    """A decoder layer's ``forward``: its class's forward (or a compiled one), recomputed in the backward pass when
-    ``checkpointed`` and autograd is recording. Module hooks stay outside: they run once per forward, not again on
-    recomputation."""
-
-    def __init__(self, layer: nn.Module, checkpointed: bool, compiled: Callable | None = None) -> None:
-        self.layer, self.checkpointed, self.compiled = layer, checkpointed, compiled
-
-    def __call__(self, *args, **kwargs):
-        run = functools.partial(self.compiled or type(self.layer).forward, self.layer, **kwargs)
-        if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(run, *args, use_reentrant=False)
-        return run(*args)
+def _layer_kwargs(layer_inputs: LayerInputs | None) -> dict[str, LayerInputs]:
+    """The keyword arguments that carry ``layer_inputs`` to the decoder layers (none without any)."""
+    if layer_inputs is None:
+        return {}
+    if not isinstance(layer_inputs, LayerInputs):
+        raise TypeError(
+            f"layer_inputs must be a LayerInputs (lit_mllm.nn.language.layers), got {type(layer_inputs).__name__}; "
+            "a family defines its inputs as a dataclass subclassing it"
+        )
+    return {LAYER_INPUTS: layer_inputs}
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of a causal LM's decoder layers (``layers`` in Llama/Qwen2/OPT, ``h`` in GPT-2, ...)."""
-    num_layers = model.config.num_hidden_layers
+def _find_decoder_layers(model: nn.Module) -> str:
+    """The dotted path in ``model`` of the ModuleList of a causal LM's decoder layers (``layers`` in
+    Llama/Qwen2/OPT, ``h`` in GPT-2, ...)."""
+    num_layers = model.config.get_text_config().num_hidden_layers
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for module in decoder.modules():
+    # only the decoder's own modules: a multimodal model's vision blocks may be as many
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    for name, module in decoder.named_modules(prefix=prefix):
         for attr in ("layers", "h", "layer", "blocks"):
             blocks = getattr(module, attr, None)
             if isinstance(blocks, nn.ModuleList) and len(blocks) == num_layers:
-                return blocks
+                return f"{name}.{attr}" if name else attr
     raise ValueError(
         f"could not find the {num_layers} decoder layers of {type(model).__name__} (looked for a ModuleList named "
-        "layers, h, layer or blocks); gradient_checkpointing and compile need them"
+        "layers, h, layer or blocks); LanguageModel needs them for its layer wrappers and efficiency options"
     )
 
 
@@ -276,7 +364,7 @@ class _TinyLM(LanguageModel):
         if dtype is not None:
             model.to(getattr(torch, dtype))
         self._wrap(model, tok, chat_format or self._default_chat_format(), IMAGE_TOKEN)
-        self._set_layer_forwards(gradient_checkpointing, compile)
+        self._set_efficiency(gradient_checkpointing, compile)
 
     def _default_chat_format(self) -> ChatFormat:
         return VicunaV1()
