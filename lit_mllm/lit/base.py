@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -42,6 +41,7 @@ from lit_mllm.eval.generation import GenerationConfig
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, ReplyExactMatch
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
+from lit_mllm.nn.language.layers import LayerInputs
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.checkpoints import load_weights
@@ -53,6 +53,9 @@ from lit_mllm.training.stages import (
     apply_stage,
     count,
     param_groups,
+    part_counts,
+    part_trains,
+    resolve,
     set_modes,
     trainable_names,
     trainable_table,
@@ -93,9 +96,9 @@ class LanguageInputs:
 
     embeds: Tensor
     """``[R, L, D_llm]`` input embeddings (prefix fusion: image features spliced in at the image tokens)."""
-    layer_inputs: dict[str, Any] = field(default_factory=dict)
-    """Keyword inputs passed to every decoder layer call (forward and each generation step), read by the family's
-    layer wrappers (cross-attention: the visual features and media masks)."""
+    layer_inputs: LayerInputs | None = None
+    """What the family's decoder-layer wrappers read at every layer call, in the forward pass and at each generation
+    step (cross-attention: the visual features and media masks); a dataclass of the family's own."""
 
 
 class VLMModule(L.LightningModule):
@@ -156,7 +159,8 @@ class VLMModule(L.LightningModule):
         for milestone in self.schedule.stages:
             milestone.stage.check(parts)
         for name, spec in self.schedule.adapters().items():
-            add_lora(parts[name], spec, name)
+            for module in resolve(parts, name):
+                add_lora(module, spec, name)
         apply_stage(parts, self.stage)
         if init_from is not None:
             load_weights(self, init_from)
@@ -202,7 +206,7 @@ class VLMModule(L.LightningModule):
         tower = self.vision_tower
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize(pixel_values, tower.mean, tower.std)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(tower)):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and part_trains(self.parts(), "vision_tower")):
             features = tower(pixel_values)  # [I, N, D_v]
         return self.connector(features)  # [I, T, D_llm]
 
@@ -216,7 +220,7 @@ class VLMModule(L.LightningModule):
             images is None
             and self.training
             and torch.distributed.is_initialized()
-            and (_trains(self.connector) or _trains(self.vision_tower))
+            and (part_trains(self.parts(), "connector") or part_trains(self.parts(), "vision_tower"))
         ):
             tower = self.vision_tower
             blank = inputs.embeds.new_zeros(1, 3, tower.image_size, tower.image_size)
@@ -227,7 +231,7 @@ class VLMModule(L.LightningModule):
         """``[R, L, D_llm]`` final hidden states of the LLM for a collated batch."""
         inputs = self.inputs(batch)
         return self.language_model.hidden_states(
-            inputs.embeds, batch.attention_mask, batch.position_ids, **inputs.layer_inputs
+            inputs.embeds, batch.attention_mask, batch.position_ids, layer_inputs=inputs.layer_inputs
         )
 
     def forward(self, batch: Batch) -> Tensor:
@@ -249,7 +253,7 @@ class VLMModule(L.LightningModule):
         inputs = self.inputs(batch)
         settings = {**self.generation.kwargs(), **overrides}
         new = self.language_model.generate(
-            inputs.embeds, batch.attention_mask, **inputs.layer_inputs, **settings
+            inputs.embeds, batch.attention_mask, layer_inputs=inputs.layer_inputs, **settings
         )
         return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -314,9 +318,8 @@ class VLMModule(L.LightningModule):
         facts: dict[str, int | str] = {"stage": self.stage.name}
         if len(self.schedule.stages) > 1:
             facts["stages"] = self.schedule.describe()
-        for name, part in self.parts().items():
-            if isinstance(part, nn.Module):
-                facts[f"params/{name}"], facts[f"params_trainable/{name}"] = count(part)
+        for name, (total, trainable) in part_counts(self.parts(), self.stage).items():
+            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = total, trainable
         facts["params/total"], facts["params_trainable/total"] = count(self)
         facts["image_tokens"] = self.tokens_per_image
         facts["connector_flops_per_image"] = connector_flops(self.connector, self.vision_tower.num_features)
@@ -451,8 +454,3 @@ class VLMModule(L.LightningModule):
             run_steps = int(self.trainer.estimated_stepping_batches)
             scheduler.total_steps = self.schedule.steps_of(self.stage_index, run_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _trains(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` trains."""
-    return any(p.requires_grad for p in module.parameters())
