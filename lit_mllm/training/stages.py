@@ -107,14 +107,6 @@ class Stage:
         ]
         return list(dict.fromkeys(mentioned))
 
-    def trains(self, part: str) -> bool:
-        """Whether the stage names ``part``, or a dotted path inside it, as trained in whole or in part
-        (``trainable``, ``train_last_blocks``, ``lora``). Names only: a family part nested in ``part`` is not seen;
-        :func:`part_trains` answers from the parameters."""
-        self._require_trainable()
-        named = [*self.trainable, *(p for p, n in self.train_last_blocks.items() if n > 0), *self.lora]
-        return any(n == part or n.startswith(part + ".") for n in named)
-
     def check(self, parts: Parts | list[str]) -> None:
         """Raise ``ValueError`` naming what is wrong when this stage does not fit a family's parts (given as the
         parts, or only their names: then dotted paths are checked as far as their first name)."""
