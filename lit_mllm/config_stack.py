@@ -154,7 +154,8 @@ class _Stack:
             elif isinstance(value, dict) and isinstance(previous, dict):
                 if _is_spec(previous) and "init_args" not in value:  # options given without init_args
                     value = {"init_args": value}
-                self._merge(previous, value, here, source, folder, owner=_class(previous))
+                inner = _class(previous) or (owner if key == "init_args" else None)  # whose options these are
+                self._merge(previous, value, here, source, folder, owner=inner)
             elif isinstance(value, list) and any(_is_spec(v) for v in value):
                 self._merge_list(old, key, value, here, source)
             else:
