@@ -167,11 +167,12 @@ class _Stack:
         previous = old.get(key)
         fresh = not (_is_spec(previous) and _same_class(previous["class_path"], value["class_path"]))
         if fresh:
+            logged: set[str] = set()
             if _is_spec(previous):
-                self._log_earlier(previous, value, at, source)
+                logged = self._log_earlier(previous, value, at, source)
                 _put(self.before, at, None)
             if owner is not None and isinstance(key, str):
-                self._pin_default_class(owner, key, value, at, source)
+                self._pin_default_class(owner, key, value, at, source, logged)
             self._forget(at)
             previous = old[key] = {"class_path": value["class_path"], "init_args": {}}
         self.origins[(*at, "class_path")] = source
@@ -248,12 +249,13 @@ class _Stack:
 
     # -- what is dropped -------------------------------------------------------------------------------------------
 
-    def _log_earlier(self, previous: dict, value: dict, at: Key, source: str) -> None:
+    def _log_earlier(self, previous: dict, value: dict, at: Key, source: str) -> set[str]:
         """One line per option an earlier file set in ``previous`` that the class in ``value`` does not get (after
         the null, the earlier class's own defaults cannot carry over: only options files set are dropped)."""
         old_class, new_class = previous["class_path"], value["class_path"]
         given = value.get("init_args") or {}
         new_info = self._info(new_class)
+        logged = set()
         for name, old_value in (previous.get("init_args") or {}).items():
             origin = self.origins.get((*at, "init_args", name))
             if name in given or origin is None:
@@ -268,10 +270,14 @@ class _Stack:
                 self.log(
                     str(Dropped(source, _dotted(at), old_class, new_class, name, old_value, origin, default))
                 )
+                logged.add(name)
+        return logged
 
-    def _pin_default_class(self, owner: str, key: str, value: dict, at: Key, source: str) -> None:
+    def _pin_default_class(
+        self, owner: str, key: str, value: dict, at: Key, source: str, logged: set
+    ) -> None:
         """Pin, after the file, the options that ``owner``'s default class for ``key`` would leak into the class the
-        file names (jsonargparse merges the default under the parsed config)."""
+        file names (jsonargparse merges the default under the parsed config); ``logged`` were reported already."""
         owner_info = self._info(owner)
         default_part = owner_info.defaults.get(key) if owner_info else None
         if not _is_spec(default_part) or _same_class(default_part["class_path"], value["class_path"]):
@@ -288,6 +294,8 @@ class _Stack:
             default = new_info.defaults[name]
             if _plain(leaked) != default:
                 _put(self.after, (*at, "init_args", name), default)
+                if name in logged:
+                    continue
                 old_class, new_class = default_part["class_path"], value["class_path"]
                 node = _dotted(at)
                 self.log(
