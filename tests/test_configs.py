@@ -1,5 +1,6 @@
 """Every shipped config is parsed and instantiated; real-weight configs are instantiated with their hub
-names pointed at tiny checkpoints saved in a temp dir (same architectures, nothing downloaded)."""
+names pointed at tiny checkpoints saved in a temp dir (same architectures, nothing downloaded). Stacked --config
+files (lit_mllm/config_stack.py): a later file that changes a part's class starts it from the class's defaults."""
 
 import inspect
 import json
