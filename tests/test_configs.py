@@ -120,7 +120,7 @@ def stacked(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def test_a_preset_that_changes_a_class_drops_the_earlier_option_the_new_class_also_accepts(
-    shapes_root, tmp_path
+    shapes_root, tmp_path, monkeypatch, capsys
 ):
     """prefix.yaml sets MLPConnector depth=2; a preset naming CAbstractor without depth must get CAbstractor's own
     default (3), not the MLP's 2 (what jsonargparse alone gives: it keeps init_args the new class accepts)."""
@@ -133,11 +133,13 @@ def test_a_preset_that_changes_a_class_drops_the_earlier_option_the_new_class_al
     files = ["--config", str(CONFIGS / "quickstart.yaml"), "--config", base, "--config", str(preset)]
     small = ["--data.init_args.root", str(shapes_root), "--trainer.logger.init_args.save_dir", str(tmp_path)]
 
-    unstacked = build_cli([*files, *small], run=False)
+    with monkeypatch.context() as m:  # jsonargparse alone
+        m.setattr("lit_mllm.commands.lightning.stack_configs", lambda args, log: list(args))
+        unstacked = build_cli([*files, *small], run=False)
     assert len(unstacked.model.connector.before) == 2  # the stale value, without stacking
 
     args, lines = stacked([*files, *small])
-    cli = build_cli(args, run=False)
+    cli = build_cli([*files, *small], run=False)  # the CLI stacks its --config files itself
     default = inspect.signature(CAbstractor).parameters["depth"].default
     assert default == 3
     assert len(cli.model.connector.before) == default  # residual blocks: the stale 2 is dropped

@@ -7,6 +7,7 @@ commands build a config's model and data through :func:`build_cli` with ``run=Fa
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_mllm.config_stack import stack_configs
 from lit_mllm.lit.base import VLMModule
 
 DESCRIPTION = """lit-mllm fit|validate|test|predict: train and evaluate multimodal LLMs from YAML.
@@ -70,8 +72,14 @@ def model_only_args(args: list[str]) -> list[str]:
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand (a run's
     saved ``config.yaml`` is accepted: its subcommand keys are dropped)."""
-    if not run and args is not None:
+    if args is None:  # the console script: LightningCLI would read the same list
+        args = sys.argv[1:]
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    if not run:
         args = model_only_args(list(args))
+    # A later --config that changes a part's class starts that part from the class's own defaults (jsonargparse
+    # would keep the earlier file's options the new class also accepts); each dropped option is printed.
+    args = stack_configs(args, log=rank_zero_info)
     # Frozen parts are in eval mode by design (the stage table printed at fit start says which).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # MixtureData's training stream knows its exact length per rank (workers split batches, not samples).
