@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -187,7 +187,8 @@ def measure(case: Case, args: argparse.Namespace, data_root: Path) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         tracker = PeakTensorMemory()
-        tensors = [*model.parameters(), *model.buffers(), *(v for v in batch.values() if torch.is_tensor(v))]
+        batch_tensors = [getattr(batch, f.name) for f in fields(batch)]
+        tensors = [*model.parameters(), *model.buffers(), *(v for v in batch_tensors if torch.is_tensor(v))]
         tracker.track(*tensors)
         with tracker:
             trainer.fit(model, train_dataloaders=loader)
