@@ -16,7 +16,6 @@ The last line is ``checkpoint_overhead: <largest ratio over the stages>``. See b
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 import tempfile
@@ -26,16 +25,11 @@ from pathlib import Path
 
 import torch
 
-try:
-    import lit_mllm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from lit_mllm.data import ShapesWorld, collate, read_llava
-from lit_mllm.lit import PrefixFusionVLM
-from lit_mllm.nn.connectors import MLPConnector
-from lit_mllm.nn.language import TinyLlama
-from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
 
 MIB = 2**20
@@ -43,6 +37,18 @@ STAGES = {
     "align": ["connector"],
     "finetune": ["connector", "language_model"],
     "all": ["vision_tower", "connector", "language_model"],
+}
+SIZES = {  # (default: ~60 M parameters, --quick: ~1 M)
+    "image_size": (64, 64),
+    "patch_size": (8, 8),
+    "vision_dim": (256, 64),
+    "vision_layers": (4, 3),
+    "vision_heads": (4, 2),
+    "llm_dim": (512, 128),
+    "llm_layers": (8, 2),
+    "llm_heads": (8, 4),
+    "llm_kv_heads": (4, 2),
+    "vocab": (32000, None),
 }
 
 
@@ -64,39 +70,10 @@ class Row:
         return self.checkpoint_bytes / (self.trainable_bytes + self.optimizer_bytes)
 
 
-def build(args: argparse.Namespace, trainable: list[str], name: str) -> PrefixFusionVLM:
-    torch.manual_seed(args.seed)
-    lm = TinyLlama(
-        hidden_size=args.llm_dim,
-        num_layers=args.llm_layers,
-        num_heads=args.llm_heads,
-        num_kv_heads=args.llm_kv_heads,
-        vocab_size=args.vocab,
-    )
-    tower = TinyCLIPVision(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        hidden_size=args.vision_dim,
-        num_layers=args.vision_layers,
-        num_heads=args.vision_heads,
-    )
-    return PrefixFusionVLM(
-        tower,
-        lm,
-        connector=MLPConnector,
-        stage=Stage(name, trainable),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4),
-    )
-
-
-def unique_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list({id(p): p for p in model.parameters()}.values())
-
-
 def measure(args: argparse.Namespace, name: str, trainable: list[str], data: Path, out: Path) -> Row:
     import lightning as L
 
-    model = build(args, trainable, name)
+    model = harness.tiny_prefix_vlm(args, Stage(name, trainable), lr=1e-4)
     proc = model.processor()
     items = [proc(s) for s in read_llava(data / "train.json")[: args.batch]]
     batch = collate(items, pad_token_id=proc.tokenizer.pad_token_id)
@@ -117,7 +94,7 @@ def measure(args: argparse.Namespace, name: str, trainable: list[str], data: Pat
     path = out / f"{name}.ckpt"
     trainer.save_checkpoint(path)
 
-    params = unique_params(model)
+    params = harness.unique_params(model)
     trained = [p for p in params if p.requires_grad]
     optimizer_bytes = sum(
         v.nbytes
@@ -143,8 +120,7 @@ def measure(args: argparse.Namespace, name: str, trainable: list[str], data: Pat
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    harness.setup_device(args)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     rows = []
@@ -190,60 +166,22 @@ def report(rows: list[Row], args: argparse.Namespace) -> float:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(header))
-    print(line(["-" * w for w in widths]))
-    for cells in table:
-        print(line(cells))
-    worst = max(r.ratio for r in rows)
-    print(f"checkpoint_overhead: {worst:.4f}")
-    return worst
+    harness.print_table(header, table)
+    return harness.headline("checkpoint_overhead", max(r.ratio for r in rows), 4)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small widths (CPU, seconds)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = harness.parser(__doc__, quick="small widths (CPU, seconds)")
     parser.add_argument(
         "--precision",
         default="32-true",
         help="Lightning precision of the training step (32-true, bf16-mixed)",
     )
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--vision-dim", type=int, default=None, help="default 256 (64 with --quick)")
-    parser.add_argument("--vision-layers", type=int, default=None, help="default 4 (3)")
-    parser.add_argument("--vision-heads", type=int, default=None, help="default 4 (2)")
-    parser.add_argument("--llm-dim", type=int, default=None, help="default 512 (128)")
-    parser.add_argument("--llm-layers", type=int, default=None, help="default 8 (2)")
-    parser.add_argument("--llm-heads", type=int, default=None, help="default 8 (4)")
-    parser.add_argument("--llm-kv-heads", type=int, default=None, help="default 4 (2)")
-    parser.add_argument(
-        "--vocab", type=int, default=None, help="default 32000 (the tiny tokenizer's 813 with --quick)"
-    )
+    harness.add_model_sizes(parser, SIZES)
     parser.add_argument("--batch", type=int, default=4, help="samples in the training batch (4)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    quick = args.quick
-    defaults = {
-        "vision_dim": 64 if quick else 256,
-        "vision_layers": 3 if quick else 4,
-        "vision_heads": 2 if quick else 4,
-        "llm_dim": 128 if quick else 512,
-        "llm_layers": 2 if quick else 8,
-        "llm_heads": 4 if quick else 8,
-        "llm_kv_heads": 2 if quick else 4,
-        "vocab": None if quick else 32000,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    harness.fill_defaults(args, SIZES)
     return args
 
 

@@ -20,16 +20,14 @@ import inspect
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-try:
-    import lit_mllm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from lit_mllm.nn import connectors as zoo
 from lit_mllm.nn.connectors import Connector, connector_flops
@@ -44,6 +42,14 @@ TOKEN_OPTIONS = (
 QUICK_OPTIONS = {
     "QFormerConnector": dict(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=256),
     "PerceiverResampler": dict(num_layers=2, num_heads=2, head_dim=32),
+}
+DEFAULTS = {  # (default, --quick)
+    "vision_dim": (1024, 64),
+    "llm_dim": (4096, 128),
+    "resolutions": ([224, 336, 448], [224]),
+    "batch": (8, 2),
+    "warmup": (3, 2),
+    "repeats": (10, 5),
 }
 
 
@@ -73,11 +79,6 @@ def connector_classes() -> list[type[Connector]]:
 def token_option(cls: type[Connector]) -> str | None:
     params = inspect.signature(cls.__init__).parameters
     return next((p for p in TOKEN_OPTIONS if p in params), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fwd_bwd(connector: Connector, x: torch.Tensor) -> None:
@@ -110,28 +111,21 @@ def measure(connector: Connector, x: torch.Tensor, warmup: int, repeats: int) ->
     times = []
     for _ in range(repeats):
         connector.zero_grad(set_to_none=False)
-        sync(device)
-        start = time.perf_counter()
-        fwd_bwd(connector, x)
-        sync(device)
-        times.append(time.perf_counter() - start)
+        with harness.timed(device) as measured:
+            fwd_bwd(connector, x)
+        times.append(measured.seconds)
     if device.type == "cuda":
         connector.zero_grad(set_to_none=False)
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)  # parameters, gradients, input
-        fwd_bwd(connector, x)
-        sync(device)
-        act = torch.cuda.max_memory_allocated(device) - base
+        with harness.timed(device, cuda_memory=True) as measured:  # over parameters, gradients, input
+            fwd_bwd(connector, x)
+        act = measured.peak_bytes
     else:
         act = saved_bytes(connector, x)
     return statistics.median(times), act
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    device = harness.setup_device(args)
     dtype = getattr(torch, args.dtype)
     rows = []
     for cls in connector_classes():
@@ -173,7 +167,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> float:
     table = []
     for r in rows:
         if r.skipped:
-            table.append([r.name, str(r.px), str(r.n), str(r.t), "skipped: " + r.skipped, "", "", "", ""])
+            table.append([r.name, str(r.px), str(r.n), str(r.t), "skipped: " + r.skipped])  # a note
             continue
         table.append(
             [
@@ -188,13 +182,6 @@ def report(rows: list[Row], args: argparse.Namespace) -> float:
                 f"{r.gflop:.3f}",
             ]
         )
-    widths = [
-        max([len(h), *(len(row[i]) for row in table if len(row[i]) < 40)]) for i, h in enumerate(header)
-    ]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     memory = (
         "torch.cuda.max_memory_allocated during fwd+bwd minus what was allocated before (parameters, gradients, "
         "input), per image"
@@ -205,40 +192,30 @@ def report(rows: list[Row], args: argparse.Namespace) -> float:
     print(
         f"device {args.device}, dtype {args.dtype}, vision width {args.vision_dim}, LLM width {args.llm_dim}, "
         f"batch {args.batch}, median of {args.repeats} after {args.warmup} warmup"
-        + (f", {torch.get_num_threads()} CPU thread(s)" if not args.device.startswith("cuda") else "")
+        + harness.threads_note(args)
         + (", quick (small inner widths)" if args.quick else "")
     )
     print(f"memory column: {memory}")
-    print(line(header))
-    print(line(["-" * w for w in widths]))
-    for cells in table:
-        if cells[4].startswith("skipped"):
-            print("  ".join([line(cells[:4]), cells[4]]))
-        else:
-            print(line(cells))
+    harness.print_table(header, table)
 
     measured = [r for r in rows if not r.skipped and r.px in mlp]
     slowest = max(measured, key=lambda r: r.ms)
     ratio = slowest.ms / mlp[slowest.px]
     print(f"slowest: {slowest.name} at {slowest.px} px, T={slowest.t}: {slowest.ms:.3f} ms/img")
-    print(f"slowest_over_mlp: {ratio:.2f}")
-    return ratio
+    return harness.headline("slowest_over_mlp", ratio, 2)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small widths, 224 px only, few repeats (CPU smoke run)"
+    parser = harness.parser(
+        __doc__, quick="small widths, 224 px only, few repeats (CPU smoke run)", seed=False
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
         help="default: bfloat16 on CUDA, float32 on CPU",
     )
-    parser.add_argument("--vision-dim", type=int, default=None, help="default 1024 (64 with --quick)")
-    parser.add_argument("--llm-dim", type=int, default=None, help="default 4096 (128 with --quick)")
+    harness.add_model_sizes(parser, {k: DEFAULTS[k] for k in ("vision_dim", "llm_dim")})
     parser.add_argument(
         "--resolutions", type=int, nargs="+", default=None, help="default 224 336 448 (224 with --quick)"
     )
@@ -259,12 +236,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch", type=int, default=None, help="images per fwd+bwd; default 8 (2 with --quick)"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default 1 on CPU: steadier timings on a shared machine)",
-    )
     parser.add_argument("--warmup", type=int, default=None, help="default 3 (2 with --quick)")
     parser.add_argument(
         "--repeats",
@@ -273,19 +244,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed repeats, median reported; default 10 (5 with --quick)",
     )
     args = parser.parse_args(argv)
-    quick = args.quick
-    defaults = {
-        "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-        "vision_dim": 64 if quick else 1024,
-        "llm_dim": 128 if quick else 4096,
-        "resolutions": [224] if quick else [224, 336, 448],
-        "batch": 2 if quick else 8,
-        "warmup": 2 if quick else 3,
-        "repeats": 5 if quick else 10,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    harness.fill_defaults(args, DEFAULTS)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
 
 

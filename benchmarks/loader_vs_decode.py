@@ -18,14 +18,18 @@ can skip) and ``loader_vs_decode: <loader / decode>`` last (goal >= 0.8).
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 
 def write_data(root: Path, n: int, width: int, height: int, seed: int = 0) -> None:
@@ -90,15 +94,14 @@ def loader_rate(root: Path, workers: int, batch_size: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="256 images")
+def main(argv: list[str] | None = None) -> float:
+    parser = harness.parser(__doc__, quick="256 images", torch_run=False, seed=False)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n = 256 if args.quick else args.samples
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -110,7 +113,7 @@ def main() -> None:
     print(f"bare JPEG decode (1 process):            {decode:8.1f} samples/s")
     print(f"decode + bicubic resize to 336 (1 proc): {decode_resize:8.1f} samples/s")
     print(f"full loader ({args.workers} workers):               {loader:8.1f} samples/s")
-    print(f"loader_vs_decode: {loader / decode:.3f}")
+    return harness.headline("loader_vs_decode", loader / decode, 3)
 
 
 if __name__ == "__main__":

@@ -27,23 +27,27 @@ import os
 import sys
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-try:
-    import lit_mllm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from lit_mllm.commands.lightning import build_cli
 from lit_mllm.training.memory import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
+SIZES = {  # wider than the quickstart's (vision 64, LLM 128), so weights, optimizer states and activations weigh
+    "vision_dim": (128, 128),
+    "llm_dim": (256, 256),
+    "image_size": (64, 64),
+}
 
 
 @dataclass
@@ -181,13 +185,14 @@ def measure(case: Case, args: argparse.Namespace, data_root: Path) -> dict:
     loader = torch.utils.data.DataLoader([batch, batch], batch_size=None, collate_fn=lambda b: b)
     if args.device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()  # the model is still on the CPU: nothing of the case yet
-        trainer.fit(model, train_dataloaders=loader)
-        peak = torch.cuda.max_memory_allocated() - base
+        # over what is allocated before: the model is still on the CPU, so nothing of the case yet
+        with harness.timed(torch.device("cuda"), cuda_memory=True) as measured:
+            trainer.fit(model, train_dataloaders=loader)
+        peak = measured.peak_bytes
     else:
         tracker = PeakTensorMemory()
-        tensors = [*model.parameters(), *model.buffers(), *(v for v in batch.values() if torch.is_tensor(v))]
+        batch_tensors = [getattr(batch, f.name) for f in fields(batch)]
+        tensors = [*model.parameters(), *model.buffers(), *(v for v in batch_tensors if torch.is_tensor(v))]
         tracker.track(*tensors)
         with tracker:
             trainer.fit(model, train_dataloaders=loader)
@@ -250,54 +255,31 @@ def report(results: list[dict], args: argparse.Namespace) -> float:
         ]
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i in (0, 1, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
-    print(line(header))
-    print(line(["-" * w for w in widths]))
-    for cells in table:
-        print(line(cells))
+    harness.print_table(header, table, left=(0, 1, 8))
     worst = max(results, key=lambda r: r["error"])
     print(f"largest error: {worst['case']} ({worst['error']:.3f})")
-    print(f"memory_estimate_error: {worst['error']:.4f}")
-    return worst["error"]
+    return harness.headline("memory_estimate_error", worst["error"], 4)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="only the three stages (align, finetune, all), fp32"
-    )
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
-    )
-    parser.add_argument("--vision-dim", type=int, default=128, help="tower width (quickstart: 64)")
-    parser.add_argument("--llm-dim", type=int, default=256, help="LLM width (quickstart: 128)")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=64,
-        help="tower input side; (side / 8)^2 image tokens (quickstart: 64)",
-    )
+    quick = "only the three stages (align, finetune, all), fp32"
+    parser = harness.parser(__doc__, quick, devices=["cpu", "cuda"], seed=False)
+    harness.add_model_sizes(parser, SIZES)
     parser.add_argument(
         "--llm", default="TinyLlama", choices=["TinyLlama", "TinyQwen2"], help="LLM architecture"
     )
     parser.add_argument("--batch", type=int, default=8, help="rows per step")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
     parser.add_argument("--cases", nargs="+", default=None, metavar="NAME", help="only the cases named")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    harness.fill_defaults(args, SIZES)
+    return args
 
 
 def main(argv: list[str] | None = None) -> float:
     args = parse(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    harness.setup_device(args)
     cases = CASES[:3] if args.quick else CASES
     if args.cases:
         cases = [c for c in CASES if c.name in args.cases]

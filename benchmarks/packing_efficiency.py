@@ -16,9 +16,14 @@ Prints a table over batch sizes and row lengths, then ``packing_efficiency: <val
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
+
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from lit_mllm.data import pack
 
@@ -46,18 +51,16 @@ def efficiency(batches: list[list[int]], pack_length: int | None) -> float:
     return real / processed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer batches")
+def main(argv: list[str] | None = None) -> float:
+    parser = harness.parser(__doc__, quick="fewer batches", torch_run=False)
     parser.add_argument("--image-tokens", type=int, default=576)
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch (headline)")
     parser.add_argument("--pack-length", type=int, default=4096, help="row length (headline)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     n_batches = 20 if args.quick else 100
     print(f"{'batch':>5} {'pack_length':>11} {'padded':>7} {'packed':>7}")
-    headline = None
+    chosen = None
     for batch_size in sorted({8, 16, args.batch_size}):
         batches = [lengths(rng, batch_size, args.image_tokens) for _ in range(n_batches)]
         padded = efficiency(batches, None)
@@ -65,9 +68,9 @@ def main() -> None:
             packed = efficiency(batches, pack_length)
             print(f"{batch_size:>5} {pack_length:>11} {padded:>7.3f} {packed:>7.3f}")
             if (batch_size, pack_length) == (args.batch_size, args.pack_length):
-                headline = (padded, packed)
-    print(f"padding_baseline: {headline[0]:.3f}")
-    print(f"packing_efficiency: {headline[1]:.3f}")
+                chosen = (padded, packed)
+    print(f"padding_baseline: {chosen[0]:.3f}")
+    return harness.headline("packing_efficiency", chosen[1], 3)
 
 
 if __name__ == "__main__":

@@ -31,33 +31,48 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import random
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-try:
-    import lit_mllm  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# harness.py sits beside this file; on the path also when the tests load this file by its path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 from lit_mllm.data import Batch, collate
 from lit_mllm.lit import PrefixFusionVLM
-from lit_mllm.nn.connectors import MLPConnector
-from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.language.chat import IGNORE_INDEX
-from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
 from lit_mllm.training.export import to_llava
 
 GIB = 2**30
+SIZES = {  # (default: CLIP ViT-L/14-336 and TinyLlama-1.1B shapes, --quick: small widths)
+    "image_size": (336, 64),
+    "patch_size": (14, 8),
+    "vision_dim": (1024, 64),
+    "vision_layers": (24, 3),
+    "vision_heads": (16, 2),
+    "llm_dim": (2048, 256),
+    "llm_layers": (22, 4),
+    "llm_heads": (32, 4),
+    "llm_kv_heads": (4, 2),
+    "llm_intermediate": (5632, None),
+    "vocab": (32000, None),
+}
+RUN = {  # (default, --quick: the length mix scaled down by 9)
+    "batch": (8, 16),
+    "text_min": (20, 4),
+    "text_max": (1500, 170),
+    "steps": (8, 4),
+    "warmup": (3, 1),
+    "repeats": (5, 3),
+}
 
 
 @dataclass
@@ -132,31 +147,9 @@ def make_batches(args: argparse.Namespace, meta: dict, device: torch.device) -> 
 # -- models -----------------------------------------------------------------------------------------------------
 def build(args: argparse.Namespace, device: torch.device):
     """(ours, transformers LLaVA with the same weights, their optimizers, facts for the data)."""
-    torch.manual_seed(args.seed)
-    tower = TinyCLIPVision(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        hidden_size=args.vision_dim,
-        num_layers=args.vision_layers,
-        num_heads=args.vision_heads,
-        feature_layer=-2,
-    )
-    lm = TinyLlama(
-        hidden_size=args.llm_dim,
-        num_layers=args.llm_layers,
-        num_heads=args.llm_heads,
-        num_kv_heads=args.llm_kv_heads,
-        intermediate_size=args.llm_intermediate,
-        max_length=args.pack_length,
-        vocab_size=args.vocab,
-    )
-    ours = PrefixFusionVLM(
-        tower,
-        lm,
-        connector=MLPConnector,
-        stage=Stage("finetune", ["connector", "language_model"]),
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr),
-    )
+    stage = Stage("finetune", ["connector", "language_model"])
+    ours = harness.tiny_prefix_vlm(args, stage, args.lr, max_length=args.pack_length)
+    tower, lm = ours.vision_tower, ours.language_model
     hf = to_llava(ours)
     # LLaVA finetune: the tower is frozen (transformers >= 4.52 nests the parts under .model)
     (hf.model if hasattr(hf, "lm_head") else hf).vision_tower.requires_grad_(False)
@@ -187,10 +180,6 @@ def build(args: argparse.Namespace, device: torch.device):
     return ours, hf, ours_opt, hf_opt, meta
 
 
-def count_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-
-
 # -- steps ------------------------------------------------------------------------------------------------------
 def autocast(args: argparse.Namespace, device: torch.device):
     if args.precision == "bf16-mixed":
@@ -214,28 +203,17 @@ def hf_loss(model, batch: Pair, args, device) -> torch.Tensor:
         ).loss
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step(loss_fn, model, optimizer, batch: Pair, args, device, timing: Timing | None) -> float:
     """One optimizer step; returns its wall time (CUDA synchronised around it)."""
-    sync(device)
-    if device.type == "cuda" and timing is not None:
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    loss = loss_fn(model, batch, args, device)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    seconds = time.perf_counter() - start
-    if device.type == "cuda" and timing is not None:
-        extra = (torch.cuda.max_memory_allocated(device) - before) / GIB
+    with harness.timed(device, cuda_memory=timing is not None) as measured:
+        loss = loss_fn(model, batch, args, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not math.isnan(measured.peak_bytes):
+        extra = measured.peak_bytes / GIB
         timing.peak_gib = extra if math.isnan(timing.peak_gib) else max(timing.peak_gib, extra)
-    return seconds
+    return measured.seconds
 
 
 def check_same_loss(ours, hf, batch: Pair, args, device) -> tuple[float, float]:
@@ -252,9 +230,7 @@ def check_same_loss(ours, hf, batch: Pair, args, device) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    device = harness.setup_device(args)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; there is no Trainer here
     ours, hf, ours_opt, hf_opt, meta = build(args, device)
     longest = 1 + meta["tokens_per_image"] + args.text_max
@@ -280,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         "timings": timings,
         "losses": losses,
         "meta": meta,
-        "trainable": count_trainable(ours),
+        "trainable": sum(p.numel() for p in harness.unique_params(ours) if p.requires_grad),
         "total": sum(p.numel() for p in ours.parameters()),
     }
 
@@ -305,7 +281,7 @@ def report(result: dict, args: argparse.Namespace) -> float:
 
     print(
         f"device {args.device}, precision {args.precision}, attention {args.attn}"
-        + (f", {torch.get_num_threads()} CPU thread(s)" if not cuda else "")
+        + harness.threads_note(args)
         + (", --quick defaults" if args.quick else "")
     )
     print(
@@ -356,29 +332,16 @@ def report(result: dict, args: argparse.Namespace) -> float:
         if cuda:
             cells.append(f"{timings[name].peak_gib:.2f}")
         table.append(cells)
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(header))
-    print(line(["-" * w for w in widths]))
-    for cells in table:
-        print(line(cells))
+    harness.print_table(header, table)
     speedup = tps["ours"] / tps["transformers"]
     print(
         f"per-pass ratio: min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, max {max(ratios):.2f}"
     )
-    print(f"train_speedup_vs_hf: {speedup:.2f}")
-    return speedup
+    return harness.headline("train_speedup_vs_hf", speedup, 2)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small widths, the length mix scaled down by 9 (CPU run)"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = harness.parser(__doc__, quick="small widths, the length mix scaled down by 9 (CPU run)")
     parser.add_argument(
         "--precision",
         choices=["32-true", "bf16-mixed", "bf16-true"],
@@ -390,21 +353,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="sdpa",
         help="attention implementation of both LLMs and towers (sdpa, eager, flash_attention_2)",
     )
-    size = parser.add_argument_group(
-        "sizes (defaults: CLIP ViT-L/14-336 and TinyLlama-1.1B shapes; --quick: small)"
-    )
-    size.add_argument("--image-size", type=int, default=None, help="default 336 (64)")
-    size.add_argument("--patch-size", type=int, default=None, help="default 14 (8)")
-    size.add_argument("--vision-dim", type=int, default=None, help="default 1024 (64)")
-    size.add_argument("--vision-layers", type=int, default=None, help="default 24 (3); the last is not run")
-    size.add_argument("--vision-heads", type=int, default=None, help="default 16 (2)")
-    size.add_argument("--llm-dim", type=int, default=None, help="default 2048 (256)")
-    size.add_argument("--llm-layers", type=int, default=None, help="default 22 (4)")
-    size.add_argument("--llm-heads", type=int, default=None, help="default 32 (4)")
-    size.add_argument("--llm-kv-heads", type=int, default=None, help="default 4 (2)")
-    size.add_argument("--llm-intermediate", type=int, default=None, help="default 5632 (3 x width)")
-    size.add_argument(
-        "--vocab", type=int, default=None, help="default 32000 (the tiny tokenizer's 813 with --quick)"
+    harness.add_model_sizes(
+        parser, SIZES, "sizes (defaults: CLIP ViT-L/14-336 and TinyLlama-1.1B shapes; --quick: small)"
     )
     data = parser.add_argument_group("data")
     data.add_argument("--batch", type=int, default=None, help="samples per step; default 8 (16)")
@@ -427,33 +377,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     timing.add_argument(
         "--lr", type=float, default=2e-5, help="AdamW learning rate of both (2e-5, LLaVA finetune)"
     )
-    timing.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default 1 on CPU)")
-    timing.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    quick = args.quick
-    defaults = {
-        "precision": "bf16-mixed" if args.device.startswith("cuda") else "32-true",
-        "image_size": 64 if quick else 336,
-        "patch_size": 8 if quick else 14,
-        "vision_dim": 64 if quick else 1024,
-        "vision_layers": 3 if quick else 24,
-        "vision_heads": 2 if quick else 16,
-        "llm_dim": 256 if quick else 2048,
-        "llm_layers": 4 if quick else 22,
-        "llm_heads": 4 if quick else 32,
-        "llm_kv_heads": 2 if quick else 4,
-        "llm_intermediate": None if quick else 5632,
-        "vocab": None if quick else 32000,
-        "batch": 16 if quick else 8,
-        "text_min": 4 if quick else 20,
-        "text_max": 170 if quick else 1500,
-        "steps": 4 if quick else 8,
-        "warmup": 1 if quick else 3,
-        "repeats": 3 if quick else 5,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    harness.fill_defaults(args, {**SIZES, **RUN})
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.device.startswith("cuda") else "32-true"
     if args.text_min < 2 or args.text_max < args.text_min:
         parser.error("need 2 <= --text-min <= --text-max (a sample needs a question and an answer token)")
     if args.pack_length is None:

@@ -1,13 +1,16 @@
 """Smoke runs of the training-recipe benchmarks at their smallest settings: each runs end to end and ends with its
 headline as ``name: value`` (a positive float). Times are never asserted; the checks are on what the figures must
-be whatever the machine."""
+be whatever the machine. Also the parts the benchmarks share (``benchmarks/harness.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
+import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,93 @@ def test_checkpoint_overhead_smallest(capsys, same_threads):
         align.trainable_bytes + align.optimizer_bytes
     ) > 1.5
     assert 1.0 <= ratio < 1.5
+
+
+# -- the shared harness ------------------------------------------------------------------------------------------
+def test_options_take_their_quick_defaults_unless_given():
+    harness = load("harness")
+    sizes = {"vision_dim": (1024, 64), "vocab": (32000, None)}
+
+    def parse(argv):
+        parser = harness.parser("A benchmark.\n\nMore.", quick="small")
+        harness.add_model_sizes(parser, sizes)
+        args = parser.parse_args(argv)
+        harness.fill_defaults(args, sizes)
+        return args
+
+    full, quick, given = parse([]), parse(["--quick"]), parse(["--quick", "--vision-dim", "7", "--seed", "3"])
+    assert (full.vision_dim, full.vocab, full.quick) == (1024, 32000, False)
+    assert (quick.vision_dim, quick.vocab, quick.quick) == (64, None, True)
+    assert (given.vision_dim, given.vocab, given.seed) == (7, None, 3)
+    assert (full.threads, full.seed) == (None, 0)
+    assert full.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    plain = harness.parser("A benchmark.", quick="small", torch_run=False, seed=False).parse_args([])
+    assert vars(plain) == {"quick": False}
+    with pytest.raises(SystemExit):
+        harness.parser("A benchmark.", quick="small", devices=["cpu", "cuda"]).parse_args(["--device", "tpu"])
+
+
+def test_setup_device_runs_one_cpu_thread_unless_told(same_threads):
+    harness = load("harness")
+    assert harness.setup_device(argparse.Namespace(device="cpu", threads=None)) == torch.device("cpu")
+    assert torch.get_num_threads() == 1
+    harness.setup_device(argparse.Namespace(device="cpu", threads=2))
+    assert torch.get_num_threads() == 2
+
+
+def test_timed_measures_the_block():
+    harness = load("harness")
+    with harness.timed(torch.device("cpu"), cuda_memory=True) as measured:
+        assert math.isnan(measured.seconds)
+        time.sleep(0.02)
+    assert measured.seconds >= 0.02
+    assert math.isnan(measured.peak_bytes)  # CUDA only
+
+
+def test_print_table_aligns_columns_and_writes_notes_whole(capsys):
+    harness = load("harness")
+    header = ["name", "x", "unit"]
+    rows = [["a", "1.5", "ms"], ["long name", "10", "s"], ["b", "skipped: a reason longer than any column"]]
+    harness.print_table(header, rows, left=(0, 2))
+    assert capsys.readouterr().out.splitlines() == [
+        "name         x  unit",
+        "---------  ---  ----",
+        "a          1.5  ms  ",
+        "long name   10  s   ",
+        "b          skipped: a reason longer than any column",
+    ]
+
+
+def test_headline_prints_the_parsed_form_and_returns_the_unrounded_value(capsys):
+    harness = load("harness")
+    assert harness.headline("some_ratio", 1.23456, 2) == 1.23456
+    assert headline(capsys.readouterr().out, "some_ratio") == 1.23
+
+
+def test_tiny_prefix_vlm_has_the_sizes_asked_and_its_seed_decides_the_weights():
+    harness = load("harness")
+    from lit_mllm.training import Stage
+
+    args = argparse.Namespace(
+        seed=0, image_size=32, patch_size=8, vision_dim=32, vision_layers=2, vision_heads=2,
+        llm_dim=32, llm_layers=1, llm_heads=2, llm_kv_heads=1, vocab=900,
+    )  # fmt: skip
+    model = harness.tiny_prefix_vlm(args, Stage("align", ["connector"]), lr=1e-3)
+    llm = model.language_model.model.config
+    assert model.vision_tower.model.config.hidden_size == 32
+    assert (llm.hidden_size, llm.num_hidden_layers, llm.num_key_value_heads, llm.vocab_size) == (
+        32,
+        1,
+        1,
+        900,
+    )
+    assert llm.intermediate_size == 96 and llm.max_position_embeddings == 512  # TinyLlama's defaults
+    assert model.tokens_per_image == (32 // 8) ** 2
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"connector"}
+    assert {g["lr"] for g in model.configure_optimizers().param_groups} == {1e-3}
+    again = harness.tiny_prefix_vlm(args, Stage("align", ["connector"]), lr=1e-3).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+    args.seed = 1
+    other = harness.tiny_prefix_vlm(args, Stage("align", ["connector"]), lr=1e-3).state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
