@@ -62,6 +62,18 @@ def shapes_root(tmp_path_factory):
     return root
 
 
+def cli_args(data_root, out=None, batch_size: int = 4, cpu: bool = False) -> list[str]:
+    """Command-line overrides the CLI tests share: the data at ``data_root``, no loader workers, small batches,
+    TensorBoard under ``out``; ``cpu``: a one-device fp32 CPU trainer whatever the config asks for."""
+    args = ["--data.init_args.root", str(data_root), "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.batch_size", str(batch_size)]
+    if out is not None:
+        args += ["--trainer.logger.init_args.save_dir", str(out)]
+    if cpu:
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
+    return args
+
+
 def shapes_data(root, **kwargs) -> MixtureData:
     """The quickstart's DataModule shape: ShapesWorld's LLaVA-format train/val/test files."""
     splits = {split: {"shapesworld": Conversations(f"{split}.json")} for split in ("train", "val", "test")}

@@ -8,23 +8,13 @@ import pytest
 import yaml
 
 from lit_mllm.cli import COMMANDS, run
+from tests.conftest import cli_args
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
 def small(root, out) -> list[str]:
-    return [
-        "--config",
-        QUICKSTART,
-        "--data.init_args.root",
-        str(root),
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.batch_size",
-        "4",
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-    ]
+    return ["--config", QUICKSTART, *cli_args(root, out)]
 
 
 def test_quickstart_fast_dev_run_generates_its_data(tmp_path):

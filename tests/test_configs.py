@@ -13,6 +13,7 @@ from lit_mllm.commands.lightning import build_cli
 from lit_mllm.config_stack import stack_configs
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.nn.connectors import CAbstractor
+from tests.conftest import cli_args
 from tests.stand_ins import with_stand_ins
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,22 +24,7 @@ STAGES = sorted((CONFIGS / "stage").glob("*.yaml"))
 
 def overrides(path: Path, data_root: Path, out: Path) -> list[str]:
     """Command-line overrides: data -> a temp ShapesWorld, CPU trainer."""
-    args = [
-        "--data.init_args.root",
-        str(data_root),
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.batch_size",
-        "4",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-    ]
+    args = cli_args(data_root, out, cpu=True)
     config = yaml.safe_load(path.read_text())
     train = config["data"]["init_args"].get("train") or {}
     missing = {

@@ -8,6 +8,7 @@ import pytest
 
 from lit_mllm.commands.lightning import build_cli
 from lit_mllm.data import ShapesWorld
+from tests.conftest import cli_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
@@ -25,9 +26,7 @@ def world(tmp_path_factory):
 
 def small(root) -> list[str]:
     return [
-        "--data.init_args.root", str(root),
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "10",
+        *cli_args(root, batch_size=10),
         "--model.init_args.vision_tower.init_args.image_size", "32",
         "--trainer.max_steps", "4",
         "--trainer.limit_val_batches", "1",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lit_mllm.commands.lightning import LitMLLMCLI, build_cli
-from lit_mllm.data import Conversations, MixtureData
+from lit_mllm.data import Batch, Conversations, MixtureData
 from lit_mllm.data.sample import Turn
 from lit_mllm.lit import PrefixFusionVLM
 from lit_mllm.nn.language import TinyLlama
@@ -36,7 +36,6 @@ from lit_mllm.training import Stage
 STEPS = 2
 BATCH = 2
 SEED = 3
-KEYS = ("input_ids", "attention_mask", "labels", "sample_index", "pixel_values", "images_per_row", "ids")
 STAGE = Stage(name="all", trainable=["vision_tower", "connector", "language_model"])
 
 
@@ -69,13 +68,13 @@ class Record(L.Callback):
 
     def __init__(self, out: str) -> None:
         self.out = out
-        self.batches: list[dict] = []
+        self.batches: list[Batch] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         torch.set_num_threads(1)  # a forked worker must not enter the parent's OpenMP pool (it hangs)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append({k: batch[k] for k in KEYS})
+        self.batches.append(batch)
 
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
@@ -108,7 +107,7 @@ class ReportingDDP(DDPStrategy):
 class NoBlankImage(PrefixFusionVLM):
     """The control: a text-only batch skips the image path, as a naive implementation would."""
 
-    def _image_path_trains(self) -> bool:
+    def needs_blank_image(self) -> bool:
         return False
 
 
@@ -177,7 +176,7 @@ def ddp_fit(model: PrefixFusionVLM, root: Path, out: Path, timeout_s: int = 60) 
         trainer.fit(model, data)
 
 
-def replay(batches: list[list[dict]]) -> dict[str, torch.Tensor]:
+def replay(batches: list[list[Batch]]) -> dict[str, torch.Tensor]:
     """One process, no DDP: each step minimises the mean of the ranks' losses (what DDP's gradient averaging
     does); on the text-only batch the image path simply gets no gradient."""
     model = build()

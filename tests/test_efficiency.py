@@ -233,13 +233,13 @@ def test_loss_is_float32_under_bf16_autocast(model, pair):
         logits, target, _ = model.supervised_logits(pair)
         loss = model.training_step(pair, 0)
         full = model(pair)
-        eval_loss = lm_loss(full, pair["labels"])
+        eval_loss = lm_loss(full, pair.labels)
     assert logits.dtype == full.dtype == torch.bfloat16
     assert loss.dtype == eval_loss.dtype == torch.float32
     reference = F.cross_entropy(logits.double(), target)
     assert abs(loss.double() - reference) < 1e-5 * reference
-    mask = pair["labels"][:, 1:] != -100
-    eval_reference = F.cross_entropy(full[:, :-1][mask].double(), pair["labels"][:, 1:][mask])
+    mask = pair.labels[:, 1:] != -100
+    eval_reference = F.cross_entropy(full[:, :-1][mask].double(), pair.labels[:, 1:][mask])
     assert abs(eval_loss.double() - eval_reference) < 1e-5 * eval_reference
 
 

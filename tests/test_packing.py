@@ -93,3 +93,10 @@ def test_packed_training_loss_equals_padded(model, shapes_root):
         torch.testing.assert_close(
             model.training_step(packed, 0), model.training_step(padded, 0), rtol=1e-5, atol=1e-5
         )
+
+
+def test_pack_takes_more_rows_when_best_fit_needs_them():
+    """72 tokens fit 4 rows of 18 by volume, but no 6 rows of 18 hold 13 + six items of 9-10: pack keeps adding rows
+    (it stopped at the bound + 2 and failed, a case hypothesis found)."""
+    rows = pack([9, 13, 10, 10, 10, 10, 10], 18)
+    assert sorted(i for row in rows for i in row) == list(range(7)) and len(rows) == 7

@@ -28,6 +28,7 @@ from lit_mllm.cli import run
 from lit_mllm.commands.lightning import LitMLLMCLI, build_cli
 from lit_mllm.config_stack import stack_configs
 from lit_mllm.lit import PrefixFusionVLM
+from tests.conftest import cli_args
 from tests.stand_ins import with_stand_ins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,16 +139,7 @@ def reference_tower_settings(tower: dict) -> list[tuple[int, bool]]:
 
 def overrides(data_root: Path, out: Path, model: dict, source: str) -> list[str]:
     """A temp ShapesWorld, small batches, no workers; caption files for the single-round Plain chat format."""
-    args = [
-        "--data.init_args.root",
-        str(data_root),
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.batch_size",
-        "2",
-        "--trainer.logger.init_args.save_dir",
-        str(out),
-    ]
+    args = cli_args(data_root, out, batch_size=2)
     chat = (model["init_args"]["language_model"].get("init_args") or {}).get("chat_format") or {}
     if chat.get("class_path", "").endswith(".Plain"):
         args += [f"--data.init_args.train.{source}.init_args.path", "captions_train.json"]

@@ -36,7 +36,8 @@ def _best_fit(lengths: list[int], order: list[int], rows: int, capacity: int) ->
 
 
 def pack(lengths: list[int], max_length: int, extra_rows: int = 2) -> list[list[int]]:
-    """Group item indices into rows of at most ``max_length`` tokens, minimising ``rows * longest row``.
+    """Group item indices into rows of at most ``max_length`` tokens, minimising ``rows * longest row`` over the
+    fewest row counts best-fit can fill and ``extra_rows`` more.
 
     Items keep their relative order inside a row. Raises ``ValueError`` if an item is longer than ``max_length``.
     """
@@ -47,14 +48,17 @@ def pack(lengths: list[int], max_length: int, extra_rows: int = 2) -> list[list[
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     total, longest = sum(lengths), max(lengths)
     best: tuple[int, list[list[int]]] | None = None
-    first = math.ceil(total / max_length)
-    for rows in range(first, min(first + extra_rows, len(lengths)) + 1):
+    first, feasible = math.ceil(total / max_length), None
+    for rows in range(
+        first, len(lengths) + 1
+    ):  # best-fit may need more rows than the bound; len(lengths) fits
         lo, hi = max(longest, math.ceil(total / rows)), max_length
-        if best is not None and rows * lo >= best[0]:
+        if best is not None and rows * lo >= best[0] or feasible is not None and rows > feasible + extra_rows:
             break
         found = _best_fit(lengths, order, rows, hi)
         if found is None:
             continue
+        feasible = rows if feasible is None else feasible
         while lo < hi:  # smallest capacity at which best-fit still succeeds
             mid = (lo + hi) // 2
             attempt = _best_fit(lengths, order, rows, mid)

@@ -216,16 +216,21 @@ class VLMModule(L.LightningModule):
         contribution is exactly zero."""
         images = None if batch.pixel_values is None else self.encode_images(batch.pixel_values)
         inputs = self.language_inputs(batch, images)
-        if (
-            images is None
-            and self.training
-            and torch.distributed.is_initialized()
-            and (part_trains(self.parts(), "connector") or part_trains(self.parts(), "vision_tower"))
-        ):
+        if images is None and self.needs_blank_image():
             tower = self.vision_tower
             blank = inputs.embeds.new_zeros(1, 3, tower.image_size, tower.image_size)
             inputs.embeds = inputs.embeds + 0.0 * self.encode_images(blank).sum()
         return inputs
+
+    def needs_blank_image(self) -> bool:
+        """Whether a text-only batch runs a blank image: when training under DDP with a trainable tower or connector
+        (DDP expects a gradient for every trainable parameter on every rank)."""
+        parts = self.parts()
+        return (
+            self.training
+            and torch.distributed.is_initialized()
+            and (part_trains(parts, "connector") or part_trains(parts, "vision_tower"))
+        )
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """``[R, L, D_llm]`` final hidden states of the LLM for a collated batch."""
