@@ -33,12 +33,14 @@ def tiny_clip_vision_config():
     )
 
 
-def tiny_model(stage: Stage | None = None, **lm) -> PrefixFusionVLM:
+def tiny_model(stage: Stage | None = None, module: dict | None = None, **lm) -> PrefixFusionVLM:
+    """The tiny prefix model of the suite (seeded); ``module``: more PrefixFusionVLM arguments, ``lm``: TinyLlama's."""
     torch.manual_seed(0)
     return PrefixFusionVLM(
         TinyCLIPVision(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
         TinyLlama(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, **lm),
         stage=stage,
+        **(module or {}),
     )
 
 

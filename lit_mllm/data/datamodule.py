@@ -366,11 +366,11 @@ class MixtureData(L.LightningDataModule):
         }
 
     def _log_stats(self) -> None:
-        """Write :meth:`stats` to the run's loggers at the trainer's logging interval (the step the batch about to
-        train will have)."""
+        """Write :meth:`stats` to the run's loggers at the trainer's logging interval, at the step the batch about to
+        train is logged under (Lightning logs ``train/loss`` of step ``k`` when ``(k + 1) % log_every_n_steps == 0``)."""
         trainer = self.trainer
         step = trainer.global_step
-        if not trainer.loggers or step % trainer.log_every_n_steps or step == self._logged_step:
+        if not trainer.loggers or (step + 1) % trainer.log_every_n_steps or step == self._logged_step:
             return
         self._logged_step = step  # once per optimizer step, whatever the gradient accumulation
         for logger in trainer.loggers:
