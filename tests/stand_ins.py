@@ -30,6 +30,7 @@ OPEN_CLIP_STAND_INS = {  # (model_name, pretrained) -> tiny open_clip folder, lo
     ("ViT-bigG-14", "laion2b_s39b_b160k"): "openclip224",
     ("hf-hub:apple/DFN5B-CLIP-ViT-H-14-378", None): "openclip378",
     ("EVA01-g-14", "laion400m_s11b_b41k"): "openclip_eva224",
+    ("EVA02-E-14", "laion2b_s4b_b115k"): "openclip_eva224",  # timm Eva trunk too (EVA02-E's adds post-norm)
 }
 TINY_EVA = "lit_mllm_test_eva_patch14_224"  # a timm Eva trunk (EVA-CLIP-g's class), 3 blocks of width 32
 

@@ -81,7 +81,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lit_mllm.nn.language.layers import bare_layer
+from lit_mllm.nn.language.layers import DecoderLayerWrapper, bare_layer, without_efficiency
 
 PRECISIONS = ("32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed")
 _LEGACY_PRECISIONS = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -532,6 +532,17 @@ def estimate_memory(
                 "tower, a connector and a decoder LLM, as lit_mllm.lit.PrefixFusionVLM)"
             )
     tower, connector, lm = model.vision_tower, model.connector, model.language_model
+    wrapped = {
+        type(e).__name__
+        for e in map(without_efficiency, lm.decoder_layers)
+        if isinstance(e, DecoderLayerWrapper)
+    }
+    if wrapped:
+        raise NotImplementedError(
+            f"{type(model).__name__} wraps the LLM's decoder layers ({', '.join(sorted(wrapped))}: weights and "
+            "activations inside the layers that the estimate does not model); the memory estimate covers the prefix "
+            "family (lit_mllm.lit.PrefixFusionVLM), whose layers are the LLM's own"
+        )
     params = unique_params(model)
     if not any(p.requires_grad for p in params):
         raise ValueError("nothing trains: the stage leaves every parameter frozen")
