@@ -1,6 +1,7 @@
 """One LightningModule per architecture family, on a shared base (adding one: docs/families.md)."""
 
 from lit_mllm.lit.base import LanguageInputs, NoSupervisedTokens, VLMModule, lm_loss
+from lit_mllm.lit.flamingo import FlamingoVLM
 from lit_mllm.lit.prefix import PrefixFusionVLM
 
-__all__ = ["LanguageInputs", "NoSupervisedTokens", "VLMModule", "lm_loss", "PrefixFusionVLM"]
+__all__ = ["LanguageInputs", "NoSupervisedTokens", "VLMModule", "lm_loss", "PrefixFusionVLM", "FlamingoVLM"]

@@ -81,7 +81,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lit_mllm.nn.language.layers import bare_layer
+from lit_mllm.nn.language.layers import DecoderLayerWrapper, bare_layer, without_efficiency
 
 PRECISIONS = ("32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed")
 _LEGACY_PRECISIONS = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -532,6 +532,19 @@ def estimate_memory(
                 "tower, a connector and a decoder LLM, as lit_mllm.lit.PrefixFusionVLM)"
             )
     tower, connector, lm = model.vision_tower, model.connector, model.language_model
+    family_layers = sorted(
+        {
+            type(w).__name__
+            for w in map(without_efficiency, getattr(lm, "decoder_layers", []))
+            if isinstance(w, DecoderLayerWrapper)
+        }
+    )
+    if family_layers:
+        raise TypeError(
+            f"the memory estimate covers prefix-fusion models (lit_mllm.lit.PrefixFusionVLM), whose LLM runs as it is; "
+            f"{type(model).__name__} wraps decoder layers of its LLM ({', '.join(family_layers)}), whose weights and "
+            "activations it does not count. Measure this family's memory with a short run instead"
+        )
     params = unique_params(model)
     if not any(p.requires_grad for p in params):
         raise ValueError("nothing trains: the stage leaves every parameter frozen")
