@@ -24,7 +24,7 @@ from lit_mllm.nn.fusion.prefix import ImageTokenMismatch
 from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
-from lit_mllm.training.stages import trainable_names
+from lit_mllm.training.stages import state_name, trainable_names
 from tests.conftest import cli_args, shapes_data
 
 LM = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -40,11 +40,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_flamingo(every: int = 1, media_attention: str = "latest", stage: Stage | None = None) -> FlamingoVLM:
+def tiny_flamingo(
+    every: int = 1, media_attention: str = "latest", stage: Stage | None = None, **lm
+) -> FlamingoVLM:
     torch.manual_seed(0)
     return FlamingoVLM(
         TinyCLIPVision(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
-        TinyLlama(**LM),
+        TinyLlama(**LM, **lm),
         connector=partial(PerceiverResampler, num_latents=4, num_layers=1, num_heads=2, head_dim=16),
         xattn=partial(GatedCrossAttentionBlock, num_heads=2, head_dim=16),
         cross_attn_every=every,
@@ -291,6 +293,23 @@ def test_a_later_image_changes_no_logit_before_its_marker(shapes_root, tmp_path)
     assert not torch.isclose(changed[:, second:], logits[:, second:], atol=1e-4).all(-1).any()
 
 
+def test_packed_samples_see_only_their_own_images(shapes_root, tmp_path):
+    """Three samples packed in one row give the logits each gives alone (the second one's images are not seen by
+    the third, which has its own)."""
+    model = tiny_flamingo(media_attention="all").eval()
+    set_gates(model, attn=1.0, ff=0.5)
+    source = two_image_conversations(shapes_root, tmp_path)
+    proc = model.processor()
+    items = [proc(source.sample(i, "<image>")) for i in range(3)]
+    packed = collate(items, pad_token_id=proc.tokenizer.pad_token_id, pack_length=400)
+    assert packed.num_rows == 1 and packed.images_per_row == [6]
+    with torch.no_grad():
+        together = model(packed)[0]
+        for i in range(3):
+            alone = model(batch_of(model, source, [i]))[0]
+            torch.testing.assert_close(together[packed.sample_index[0] == i], alone, rtol=1e-5, atol=1e-5)
+
+
 # -- identity ----------------------------------------------------------------------------------------------------
 def test_zero_gates_give_the_bare_lm_logits_with_images_present(shapes_root, tmp_path):
     model = tiny_flamingo().eval()  # gates as initialised: 0
@@ -401,6 +420,22 @@ def test_default_stage_trains_the_connector_and_the_blocks_and_the_gates_open_fi
     optimizer.zero_grad()
     model.training_step(batch, 1).backward()
     assert any(p.grad is not None and p.grad.any() for p in model.connector.parameters())
+
+
+def test_checkpointed_layers_give_the_same_loss_and_gradients(shapes_root, tmp_path):
+    """gradient_checkpointing wraps the family's layers too (outermost): the media inputs pass through it."""
+    batch = batch_of(tiny_flamingo(), two_image_conversations(shapes_root, tmp_path), [0, 1])
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_flamingo(gradient_checkpointing=checkpointing)
+        set_gates(model, attn=0.7, ff=0.3)
+        model.train()
+        model.training_step(batch, 0).backward()
+        results.append({state_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None})
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys() and any(".xattn.attn.q_proj" in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_interleaved_documents_train(shapes_root):

@@ -541,9 +541,9 @@ def estimate_memory(
     )
     if family_layers:
         raise TypeError(
-            f"the memory estimate covers prefix-fusion models (lit_mllm.lit.PrefixFusionVLM), whose LLM runs as it is; "
-            f"{type(model).__name__} wraps decoder layers of its LLM ({', '.join(family_layers)}), whose weights and "
-            "activations it does not count. Measure this family's memory with a short run instead"
+            "the memory estimate covers prefix-fusion models (lit_mllm.lit.PrefixFusionVLM), whose LLM runs as "
+            f"it is; {type(model).__name__} wraps decoder layers of its LLM ({', '.join(family_layers)}), whose "
+            "weights and activations it does not count. Measure this family's memory with a short run instead"
         )
     params = unique_params(model)
     if not any(p.requires_grad for p in params):
