@@ -92,8 +92,9 @@ class FlamingoVLM(VLMModule):
         """
         if image_layout is not None and not isinstance(image_layout, Resize | Letterbox | ResizeCrop):
             raise ValueError(
-                f"FlamingoVLM takes one tower input per image (each <image> marker is one image), so it cannot use "
-                f"{type(image_layout).__name__}, which cuts an image into several; use Resize, Letterbox or ResizeCrop"
+                "FlamingoVLM takes one tower input per image (each <image> marker is one image), so it cannot "
+                f"use {type(image_layout).__name__}, which cuts an image into several; use Resize, Letterbox or "
+                "ResizeCrop"
             )
         if media_attention not in ("latest", "all"):
             raise ValueError(f"media_attention must be 'latest' or 'all', got {media_attention!r}")
@@ -158,7 +159,8 @@ class FlamingoVLM(VLMModule):
         num_images = 0 if images is None else images.shape[0]
         if sum(batch.images_per_row) != num_images:
             raise ImageTokenMismatch(
-                f"the batch lists {sum(batch.images_per_row)} images but {num_images} image feature sets were given"
+                f"the batch lists {sum(batch.images_per_row)} images but {num_images} image feature sets were "
+                "given"
             )
         for row, (found, expected) in enumerate(zip(markers, batch.images_per_row)):
             if found != expected:

@@ -223,8 +223,8 @@ class MediaInputs(LayerInputs):
         if length < known:
             return self.media_mask[:, -1:].expand(-1, length, -1)
         raise ValueError(
-            f"a decoder layer ran on {length} positions but the media mask covers {known}; build MediaInputs from "
-            "the same input ids the language model runs on"
+            f"a decoder layer ran on {length} positions but the media mask covers {known}; build MediaInputs "
+            "from the same input ids the language model runs on"
         )
 
 
