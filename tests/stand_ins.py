@@ -23,6 +23,7 @@ HF_STAND_INS = {
     "Qwen/Qwen1.5-7B": "qwen2",
     "01-ai/Yi-1.5-9B-Chat": "llama",
     "meta-llama/Llama-2-7b-hf": "llama",
+    "huggyllama/llama-7b": "llama",
     "facebook/dinov2-large": "dinov2",
     "google/siglip-so400m-patch14-384": "siglip",
 }

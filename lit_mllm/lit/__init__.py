@@ -2,6 +2,15 @@
 
 from lit_mllm.lit.base import LanguageInputs, NoSupervisedTokens, VLMModule, lm_loss
 from lit_mllm.lit.cogvlm import CogVLM
+from lit_mllm.lit.flamingo import FlamingoVLM
 from lit_mllm.lit.prefix import PrefixFusionVLM
 
-__all__ = ["LanguageInputs", "NoSupervisedTokens", "VLMModule", "lm_loss", "PrefixFusionVLM", "CogVLM"]
+__all__ = [
+    "LanguageInputs",
+    "NoSupervisedTokens",
+    "VLMModule",
+    "lm_loss",
+    "PrefixFusionVLM",
+    "CogVLM",
+    "FlamingoVLM",
+]

@@ -1,6 +1,22 @@
 """Fusion mechanisms: how connector outputs reach the LLM."""
 
+from lit_mllm.nn.fusion.gated_xattn import (
+    GatedCrossAttentionBlock,
+    GatedCrossAttentionLayer,
+    MediaInputs,
+    media_mask,
+)
 from lit_mllm.nn.fusion.prefix import ImageTokenMismatch, splice_image_features
 from lit_mllm.nn.fusion.visual_expert import ExpertInputs, TokenRouted, VisualExpertLayer
 
-__all__ = ["ImageTokenMismatch", "splice_image_features", "ExpertInputs", "TokenRouted", "VisualExpertLayer"]
+__all__ = [
+    "ImageTokenMismatch",
+    "splice_image_features",
+    "ExpertInputs",
+    "TokenRouted",
+    "VisualExpertLayer",
+    "GatedCrossAttentionBlock",
+    "GatedCrossAttentionLayer",
+    "MediaInputs",
+    "media_mask",
+]
