@@ -21,6 +21,11 @@ is (files stay paths, so references inside them resolve as jsonargparse resolves
 - after a file that names a class other than its option's default class: the options the default class has and
   the named class also accepts, pinned to the named class's defaults (unless the file sets them).
 
+``--data FILE`` (a file holding a whole data config, with its ``class_path``) replaces the data config: a
+``--config`` string setting ``data`` to ``null`` goes before it, so nothing given for ``data`` earlier (a run
+config's sources, its ``generate_if_missing``) carries over. A ``--data`` value that is a YAML string or a file
+without ``class_path`` still merges, as jsonargparse does.
+
 One line is printed per option dropped this way, naming the file that set it (or the class whose default it
 was). Command-line options (``--model.init_args.connector CAbstractor``) are left to jsonargparse: they are
 neither rewritten nor followed, so a class change given as a flag still carries earlier options over.
@@ -40,6 +45,8 @@ from typing import Any
 import yaml
 
 CONFIG_FLAGS = ("--config", "-c")
+REPLACING_FLAGS = ("--data",)
+"""Options whose file value replaces what earlier arguments gave that option (``--data FILE``)."""
 SUBCONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".jsonnet")
 _NO_DEFAULT = object()
 
@@ -71,6 +78,15 @@ def stack_configs(args: Sequence[str], log: Callable[[str], None] = print) -> li
             flag, value, i = arg, args[i + 1], i + 2
         elif arg.startswith("--config="):
             flag, value, i = "--config=", arg.split("=", 1)[1], i + 1
+        elif (option := _replacing(arg, args[i + 1] if i + 1 < len(args) else None)) is not None:
+            key, value, source, node, folder = option
+            i += 1 if "=" in arg else 2
+            before, after = stack.replace(key, node, source, folder)
+            out += ["--config", _yaml({**before, key: None})]
+            out += [arg] if "=" in arg else [arg, value]
+            if after:
+                out += ["--config", _yaml(after)]
+            continue
         else:
             out.append(arg)
             i += 1
@@ -132,6 +148,30 @@ class _Stack:
         self.classes: dict[str, _ClassInfo | None] = {}  # class path -> options and defaults, for this call
         self.before: dict = {}
         self.after: dict = {}
+
+    def replace(self, key: str, node: dict, source: str, folder: Path) -> tuple[dict, dict]:
+        """Take in a file that replaces the whole option ``key`` (``--data FILE``): one line per option an earlier
+        file set there that this file does not set (and that is not the new class's default), then the file is
+        read as if nothing came before it. Returns the YAML to apply before and after it (as :meth:`add`)."""
+        previous = self.state.pop(key, None)
+        if _is_spec(previous):
+            info = self._info(node["class_path"])
+            defaults = info.defaults if info else {}
+            given = node.get("init_args") or {}
+            for name, value in (previous.get("init_args") or {}).items():
+                at = (key, "init_args", name)
+                if isinstance(value, dict) and isinstance(given.get(name), dict) and not _is_spec(value):
+                    dropped = [((*at, n), f"{name}.{n}", v) for n, v in value.items() if n not in given[name]]
+                elif name not in given and _plain(value) != defaults.get(name, _NO_DEFAULT):
+                    dropped = [(at, name, value)]
+                else:
+                    dropped = []
+                for where, what, old in dropped:
+                    origin = next((o for k, o in self.origins.items() if k[: len(where)] == where), None)
+                    if origin is not None:
+                        self.log(f"{source} replaces {key}: dropped {what}={_show(old)} set by {origin}")
+        self._forget((key,))
+        return self.add({key: node}, source, folder)
 
     def add(self, node: dict, source: str, folder: Path) -> tuple[dict, dict]:
         """Take in one file's content; return the YAML to apply before it (nulls) and after it (pins)."""
@@ -387,6 +427,19 @@ def _read(value: str) -> tuple[str, Any, Path]:
         return value, None, Path.cwd()
 
 
+def _replacing(arg: str, following: str | None) -> tuple[str, str, str, dict, Path] | None:
+    """``(key, value, source, content, folder)`` when ``arg`` (with ``following``) is ``--data FILE`` or
+    ``--data=FILE`` naming a file that holds a whole config of the option (a ``class_path``); else None."""
+    flag, equals, value = arg.partition("=")
+    if flag not in REPLACING_FLAGS or (not equals and following is None):
+        return None
+    value = value if equals else following
+    if not Path(value).is_file():
+        return None
+    source, node, folder = _read(value)
+    return (flag[2:], value, source, node, folder) if _is_spec(node) else None
+
+
 def _subconfig(value, folder: Path):
     """A part given as a relative path to a YAML file (jsonargparse reads it from the including file's folder)."""
     if isinstance(value, str) and value.endswith(SUBCONFIG_SUFFIXES):
@@ -496,6 +549,8 @@ def _short(class_path: str) -> str:
 def _show(value) -> str:
     if _is_spec(value):
         return _short(value["class_path"])
+    if isinstance(value, dict) and value and all(_is_spec(v) for v in value.values()):  # named parts
+        value = {k: _short(v["class_path"]) for k, v in value.items()}
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

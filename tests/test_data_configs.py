@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 
 from lit_mllm.commands.lightning import build_cli
+from lit_mllm.config_stack import stack_configs
 from lit_mllm.data import ShapesWorld
 from tests.conftest import cli_args
 
@@ -51,7 +52,7 @@ def test_shapesworld_mixture_of_five_kinds_trains_with_per_source_curves(world, 
         str(CONFIGS / "data" / "shapesworld_mixture.yaml"),
         *small(world),
     ]
-    args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.log_every_n_steps", "2"]
     cli = build_cli(args, run=False)
     assert set(cli.datamodule.splits["fit"]) == {"instruct", "captions", "interleaved", "text", "grounding"}
     seen = Seen()
@@ -88,3 +89,46 @@ def test_mm1_mixture_parses_and_packs(world):
     assert batch.attention_mask is None and batch.position_ids is not None  # packed
     assert len(batch.ids) == 10 and batch.input_ids.shape[0] < 10
     assert cli.model.training_step(batch, 0).isfinite()
+
+
+def test_data_file_replaces_the_run_configs_data(world, tmp_path):
+    """The quickstart's test source and generator do not leak into a --data file's config; each dropped option is
+    printed, naming the file that set it. A --data YAML string still merges."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        f"""
+class_path: lit_mllm.data.MixtureData
+init_args:
+  root: {world}
+  train:
+    mine: {{class_path: lit_mllm.data.Conversations, init_args: {{path: train.json}}}}
+  batch_size: 5
+"""
+    )
+    args = ["--config", QUICKSTART, "--data", str(mine), "--data.init_args.num_workers", "0"]
+    lines = []
+    stacked = stack_configs(args, log=lines.append)
+    assert stacked == ["--config", QUICKSTART, "--config", "{data: null}", *args[2:]]
+    assert sorted(line.split(": dropped ")[1].split("=")[0] for line in lines) == [
+        "generate_if_missing",
+        "test",
+        "train.shapesworld",
+        "val",
+    ]  # batch_size is set by the file, num_workers=2 is the default
+    assert all(
+        line.startswith(f"{mine} replaces data: ") and line.endswith(f"set by {QUICKSTART}") for line in lines
+    )
+
+    dm = build_cli(args, run=False).datamodule
+    assert {split: list(sources) for split, sources in dm.splits.items()} == {
+        "fit": ["mine"],
+        "validate": [],
+        "test": [],
+        "predict": [],
+    }
+    assert dm.generator is None and dm.batch_size == 5 and dm.num_workers == 0 and dm.root == world
+
+    merged = build_cli(
+        ["--config", QUICKSTART, "--data", "{init_args: {batch_size: 5}}"], run=False
+    ).datamodule
+    assert merged.batch_size == 5 and list(merged.splits["test"]) == ["shapesworld"]

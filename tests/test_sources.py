@@ -231,3 +231,89 @@ data:
         run(["validate-data", "--config", str(config), "--data.init_args.max_bad_fraction", "0.1"])
     assert exit_.value.code == 1
     assert "A run would stop: 3 of 8 training samples are bad" in capsys.readouterr().out
+
+
+def test_a_conversation_without_an_assistant_reply_has_nothing_to_learn(tmp_path):
+    records = [
+        {"id": "asked", "conversations": [{"from": "human", "value": "Colour?"}]},
+        {"id": "system", "conversations": [{"from": "system", "value": "Be brief."}]},
+        {
+            "id": "reversed",
+            "conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "?"}],
+        },
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    source = Conversations("c.json").open(tmp_path)
+    errors = []
+    for i in range(3):
+        with pytest.raises(DataError) as e:
+            source.sample(i, TOKEN)
+        errors.append(e.value)
+    assert "id 'asked'): no assistant reply to learn" in str(errors[0])
+    reasons = [e.reason for e in errors]
+    assert reasons == [
+        "no_supervision",
+        "no_supervision",
+        "malformed_record",
+    ]  # a reply out of order: malformed
+
+
+def test_a_shard_caption_comes_from_the_json_sidecar_else_it_is_missing(tmp_path):
+    meta = lambda **kw: json.dumps({"key": "k", "status": "success", **kw}).encode()  # noqa: E731
+    write_shard(
+        tmp_path / "00000.tar",
+        [
+            ("000000000", {"jpg": jpeg_bytes(), "json": meta(caption="from the sidecar")}),
+            ("000000001", {"jpg": jpeg_bytes(), "json": meta(caption=None)}),
+            ("000000002", {"jpg": jpeg_bytes()}),
+            ("000000003", {"jpg": jpeg_bytes(), "txt": b"  ", "json": meta(caption="not read")}),
+            ("000000004", {"jpg": jpeg_bytes(), "txt": b"the txt wins", "json": meta(caption="sidecar")}),
+            ("000000005", {"txt": b"no image"}),
+        ],
+    )
+    shards = Captions("00000.tar").open(tmp_path)
+    assert shards.sample(0, TOKEN).turns[1].text == "from the sidecar"
+    assert shards.sample(4, TOKEN).turns[1].text == "the txt wins"
+    for i, found in [
+        (1, "no 'caption' in the .json sidecar"),
+        (2, "no .txt or .json member"),
+        (3, "empty .txt"),
+    ]:
+        with pytest.raises(DataError, match=found) as e:
+            shards.sample(i, TOKEN)
+        assert e.value.reason == "missing_caption"
+    with pytest.raises(DataError) as e:
+        shards.sample(5, TOKEN)
+    assert e.value.reason == "missing_file"
+
+    png(tmp_path / "a.png")
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,\n")
+    with pytest.raises(DataError, match="no caption") as e:
+        Captions("caps.csv").open(tmp_path).sample(0, TOKEN)
+    assert e.value.reason == "missing_caption"
+
+
+def test_a_box_outside_its_image_has_its_own_reason_or_is_clipped_when_asked(tmp_path):
+    boxes = {"over": [80, 5, 130, 25], "outside": [120, 5, 130, 25], "flipped": [30, 5, 10, 25]}
+    records = [
+        {"id": k, "image": "g.png", "width": 100, "height": 50, "objects": [{"phrase": "it", "box": b}]}
+        for k, b in boxes.items()
+    ]
+    (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    template = PlainTasks()
+    strict = Grounding("g.jsonl", template=template, tasks=["refer"]).open(tmp_path)
+    with pytest.raises(
+        DataError, match=r"id 'over'.*reaches outside the 100x50 image.*clip_boxes: true"
+    ) as e:
+        strict.sample(0, TOKEN)
+    assert e.value.reason == "box_outside_image" and "Box.clip" not in str(e.value)
+
+    clipping = Grounding("g.jsonl", template=template, tasks=["refer"], clip_boxes=True).open(tmp_path)
+    (box,) = template.parse_boxes(clipping.sample(0, TOKEN).turns[1].text, 100, 50)
+    assert box == pytest.approx((80, 5, 100, 25), abs=0.5)
+    with pytest.raises(DataError, match="lies wholly outside") as e:
+        clipping.sample(1, TOKEN)
+    assert e.value.reason == "box_outside_image"
+    with pytest.raises(DataError, match="not a box") as e:
+        clipping.sample(2, TOKEN)
+    assert e.value.reason == "malformed_record"

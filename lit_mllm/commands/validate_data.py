@@ -1,6 +1,7 @@
 """``lit-mllm validate-data --config FILE``: process every record of every source of the config's data and
-report samples per source and problems per reason (:mod:`lit_mllm.data.validate`); exit 1 when the config's
-bad-sample policy would stop a run.
+report samples per source and problems per reason, and the sources that cannot be opened
+(:mod:`lit_mllm.data.validate`); exit 1 when a run would stop (a source it cannot open, or the config's bad-sample
+policy on the first epoch's plan).
 """
 
 from __future__ import annotations

@@ -74,6 +74,6 @@ class LoaderReport:
     skipped: Counter = field(default_factory=Counter)
     """Samples dropped under ``on_bad_sample: skip``, per reason."""
     messages: list[str] = field(default_factory=list)
-    """One message per skipped sample, naming it."""
+    """One message per skipped sample, naming it; grouped by reason, in the order of ``skipped``."""
     position: tuple[int, int] | None = None
     """``(epoch, batch index)`` of a training batch in the mixture plan."""

@@ -16,10 +16,15 @@ rank; resumable mid-epoch: the training loader's position is saved in the checkp
 and collate whole batches (padded, or packed with ``pack_length``). Every batch carries its samples' sources;
 the module logs ``train/loss/<source>``, the realised ``data/ratio/<source>`` and ``data/skipped/<reason>``.
 
-Bad samples (missing or undecodable image, placeholder/image mismatch, no supervised token, too long after
-image expansion, malformed record): ``on_bad_sample: fail`` stops at the first, naming it; ``skip`` drops it
-from its batch (never replaced by another sample), counts it per reason, and stops the run once the bad
-fraction exceeds ``max_bad_fraction``. ``lit-mllm validate-data --config FILE`` scans everything beforehand.
+Bad samples (the reasons of :data:`~lit_mllm.data.sample.Reason`: missing or undecodable image, missing caption,
+placeholder/image mismatch, box outside its image, no supervised token, too long after image expansion, malformed
+record): ``on_bad_sample: fail`` stops at the first, naming it; ``skip`` drops it from its batch (never replaced
+by another sample), counts it per reason, and stops the run once the bad fraction exceeds ``max_bad_fraction``
+(:func:`over_budget`: at the end of every epoch whatever the count, and after any batch once
+``MIN_SEEN_FOR_FRACTION`` samples were seen). Skips are printed per reason (count, an example) at each epoch end
+and at the end of the run, and ``data/skipped/<reason>`` is logged at each epoch end whatever the logging
+interval. ``lit-mllm validate-data --config FILE`` scans everything beforehand and applies the same rule to the
+first epoch's plan.
 
 The model is connected at run time: ``connect(processor)`` hands over the tokenizer, chat format, image
 transform and image-token count, so nothing the model determines is written twice in YAML.
@@ -44,7 +49,29 @@ from lit_mllm.data.sample import REASONS, DataError, Sample
 from lit_mllm.data.sources import Conversations, Source
 
 MIN_SEEN_FOR_FRACTION = 100
-"""The bad fraction is checked once this many training samples were seen (a first bad sample is not 100%)."""
+"""Before an epoch ends the bad fraction is checked once this many training samples were seen (a first bad
+sample is not 100%); at the end of an epoch it is checked whatever the count."""
+SPLIT_KEYS = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}
+"""The ``MixtureData`` argument holding each split's sources (for messages: ``data.train.<source>``)."""
+
+
+def over_budget(seen: int, bad: int, max_bad_fraction: float, epoch_end: bool) -> bool:
+    """The bad-sample rule of a run under ``on_bad_sample: skip`` (``validate-data`` applies the same): stop when
+    more than ``max_bad_fraction`` of the ``seen`` training samples were bad, judged at the end of an epoch
+    whatever the count, and before that once ``MIN_SEEN_FOR_FRACTION`` samples were seen."""
+    return (epoch_end or seen >= MIN_SEEN_FOR_FRACTION) and bad > max_bad_fraction * seen
+
+
+def skip_table(counts: dict[str, int], examples: dict[str, str], width: int = 160) -> str:
+    """One line per reason with skipped samples: the reason, its count and an example message (``examples``
+    may lack a reason)."""
+    lines = []
+    for reason in REASONS:
+        if counts.get(reason):
+            example = examples.get(reason, "")
+            example = example if len(example) <= width else example[: width - 3] + "..."
+            lines.append(f"  {reason:<18} {counts[reason]:>6}  {example}".rstrip())
+    return "\n".join(lines)
 
 
 @runtime_checkable
@@ -85,10 +112,12 @@ class _Loader:
         """The batch of the good items and the report of the bad ones."""
         bad = [it for it in items if "skipped" in it]
         batch = collate([it for it in items if "skipped" not in it], **collate_kwargs)
+        skipped = Counter(it["skipped"] for it in bad)
+        order = {reason: k for k, reason in enumerate(skipped)}
         report = LoaderReport(
             seen=len(items),
-            skipped=Counter(it["skipped"] for it in bad),
-            messages=[it["message"] for it in bad],
+            skipped=skipped,
+            messages=[it["message"] for it in sorted(bad, key=lambda it: order[it["skipped"]])],
         )
         return batch, report
 
@@ -201,9 +230,10 @@ class MixtureData(L.LightningDataModule):
             stratified: Every training batch holds the mixture ratio (within one sample); default: i.i.d. draws.
             seed: Seed of the mixture plan (with the epoch; the rank picks its share of the plan).
             on_bad_sample: ``fail`` stops at the first bad sample naming it; ``skip`` drops and counts it by reason.
-            max_bad_fraction: Under ``skip``, stop once this fraction of training samples was bad (checked after
-                100 samples).
-            generate_if_missing: A generator that writes the dataset into ``root`` when ``root`` does not exist.
+            max_bad_fraction: Under ``skip``, stop once more than this fraction of the training samples seen was
+                bad (checked at the end of each epoch, and after every batch once 100 samples were seen).
+            generate_if_missing: A generator that writes the dataset into ``root`` when ``root`` does not exist
+                (it never writes into an existing folder, even an empty one).
         """
         super().__init__()
         self.root = Path(root)
@@ -225,7 +255,10 @@ class MixtureData(L.LightningDataModule):
         self.resume_at: tuple[int, int] | None = None
         self.position: tuple[int, int] | None = None
         self.counts: Counter = Counter()  # training samples seen / per source / skipped per reason
+        self.examples: dict[str, str] = {}  # reason -> the first skipped sample's message (this process)
         self._logged_step: int | None = None
+        self._plan_batches: int | None = None  # this rank's batches per epoch
+        self._summarised_seen = 0  # samples seen when skips were last printed
 
     # -- wiring -----------------------------------------------------------------------------------------------
     def connect(self, processor: Processor) -> None:
@@ -246,17 +279,54 @@ class MixtureData(L.LightningDataModule):
         self.processor = processor
 
     def prepare_data(self) -> None:
-        if self.generator is not None and not self.root.exists():
+        """Write the generator's dataset when ``root`` does not exist; say why not when ``root`` is empty."""
+        if self.generator is None:
+            return
+        if not self.root.exists():
             self.generator.write(self.root)
+        elif self._empty_root():
+            print(self._empty_root_note(), flush=True)
+
+    def _empty_root(self) -> bool:
+        return self.root.is_dir() and not any(self.root.iterdir())
+
+    def _empty_root_note(self) -> str:
+        return (
+            f"data.root {self.root} exists but is empty, so data.generate_if_missing "
+            f"({type(self.generator).__name__}) wrote nothing: it writes only a folder that does not exist yet; "
+            "remove the empty folder (or point data.root elsewhere) to have the dataset generated there"
+        )
+
+    def open_sources(self, split: str) -> tuple[dict[str, Source], dict[str, DataError]]:
+        """The split's active sources opened (indexed) once, and those that cannot be opened with the error that
+        names them (``data.train.<name>``, the path, what to do); a training source of weight 0 is switched off
+        (not opened)."""
+        opened, failed = {}, {}
+        for name, source in self.splits[split].items():
+            if split == "fit" and source.weight <= 0:
+                continue
+            if source._size is None:
+                try:
+                    source.open(self.root)
+                except (DataError, OSError) as e:
+                    reason = e.reason if isinstance(e, DataError) else "missing_file"
+                    note = f"; {self._empty_root_note()}" if self.generator and self._empty_root() else ""
+                    failed[name] = DataError(
+                        f"data.{SPLIT_KEYS[split]}.{name} ({type(source).__name__}) cannot be opened: {e}{note}",
+                        reason,
+                    )
+                    continue
+            opened[name] = source
+        return opened, failed
 
     def sources(self, split: str) -> dict[str, Source]:
         """The split's sources (``fit``, ``validate``, ``test``, ``predict``), opened (indexed) once; a training
-        source of weight 0 is switched off (not opened)."""
-        active = {n: s for n, s in self.splits[split].items() if split != "fit" or s.weight > 0}
-        for source in active.values():
-            if source._size is None:
-                source.open(self.root)
-        return active
+        source of weight 0 is switched off (not opened). Raises the first :class:`DataError` of a source that
+        cannot be opened."""
+        opened, failed = self.open_sources(split)
+        if failed:
+            raise next(iter(failed.values()))
+        return opened
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
@@ -305,6 +375,7 @@ class MixtureData(L.LightningDataModule):
             "pack_length": self.pack_length,
         }
         stream = MixtureStream(self._loader_for("fit"), self.mixture(), rank, world, collate_kwargs)
+        self._plan_batches = len(stream)
         return _EpochLoader(stream, self, num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
@@ -333,28 +404,74 @@ class MixtureData(L.LightningDataModule):
     # -- bookkeeping: counts, bad fraction, resume position ---------------------------------------------------
     def on_before_batch_transfer(self, batch: tuple[Batch, LoaderReport], dataloader_idx: int) -> Batch:
         """Count the loader's report (training: seen, per source, skipped per reason; stop above the bad fraction;
-        remember the plan position) and hand the model the batch alone."""
+        remember the plan position) and hand the model the batch alone. At the last batch of an epoch the
+        fraction is checked whatever the count, the skips are printed and the data figures logged."""
         batch, report = batch
         if self.trainer is not None and self.trainer.training:
             self.position = report.position
             self.counts["seen"] += report.seen
             self.counts.update(f"source/{s}" for s in batch.sources)
             self.counts.update({f"skipped/{r}": n for r, n in report.skipped.items()})
-            bad = sum(self.counts[f"skipped/{r}"] for r in REASONS)
-            if (
-                self.counts["seen"] >= MIN_SEEN_FOR_FRACTION
-                and bad > self.max_bad_fraction * self.counts["seen"]
-            ):
-                table = ", ".join(
-                    f"{r}: {self.counts[f'skipped/{r}']}" for r in REASONS if self.counts[f"skipped/{r}"]
-                )
+            for reason, message in zip(self._reasons(report), report.messages):
+                self.examples.setdefault(reason, message)
+            epoch_end = self._ends_epoch(report.position)
+            seen, bad = self.counts["seen"], sum(self.skipped().values())
+            if over_budget(seen, bad, self.max_bad_fraction, epoch_end):
+                inline = ", ".join(f"{r}: {n}" for r, n in self.skipped().items())
+                when = f"at the end of epoch {report.position[0]}" if epoch_end else f"after {seen} samples"
                 raise DataError(
-                    f"{bad} of {self.counts['seen']} training samples were bad ({table}), over "
-                    f"data.max_bad_fraction={self.max_bad_fraction}; latest: {report.messages[-1:]}. "
-                    "Run `lit-mllm validate-data --config ...` to list them"
+                    f"{bad} of {seen} training samples were bad ({inline}), over data.max_bad_fraction="
+                    f"{self.max_bad_fraction} ({when}):\n{skip_table(self.skipped(), self.examples)}\n"
+                    "Run `lit-mllm validate-data --config ...` to list them all; fix or remove those records, or "
+                    "raise data.max_bad_fraction"
                 )
-            self._log_stats()
+            if epoch_end:
+                self._print_skips(f"epoch {report.position[0]}")
+            self._log_stats(force=epoch_end)
         return batch
+
+    @staticmethod
+    def _reasons(report: LoaderReport) -> list[str]:
+        """The reason of each message of ``report`` (its messages are grouped by reason in ``skipped``'s order)."""
+        return [r for r, n in report.skipped.items() for _ in range(n)]
+
+    def _ends_epoch(self, position: tuple[int, int] | None) -> bool:
+        """Whether the batch about to train is its epoch's last: Lightning knows it (its loader is exhausted), or
+        it is the last batch of this rank's plan."""
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is not None and loop.batch_progress.is_last_batch:
+            return True
+        return (
+            position is not None and self._plan_batches is not None and position[1] + 1 >= self._plan_batches
+        )
+
+    def skipped(self) -> dict[str, int]:
+        """Training samples skipped so far, per reason (reasons with none left out)."""
+        return {r: self.counts[f"skipped/{r}"] for r in REASONS if self.counts[f"skipped/{r}"]}
+
+    def skip_summary(self, when: str) -> str:
+        """The skipped training samples so far as one short block: a headline, then reason, count and an example."""
+        seen, skipped = self.counts["seen"], self.skipped()
+        bad = sum(skipped.values())
+        over = bad > self.max_bad_fraction * seen
+        headline = (
+            f"Skipped {bad} of {seen} training samples ({bad / max(seen, 1):.1%}) by the end of {when}; "
+            f"data.max_bad_fraction={self.max_bad_fraction}{' (over it)' if over else ''}:"
+        )
+        return f"{headline}\n{skip_table(skipped, self.examples)}"
+
+    def _print_skips(self, when: str) -> None:
+        """Print :meth:`skip_summary` on global rank zero when there is anything new to say."""
+        if not self.skipped() or self.counts["seen"] == self._summarised_seen:
+            return
+        self._summarised_seen = self.counts["seen"]
+        if getattr(self.trainer, "is_global_zero", True):
+            print(self.skip_summary(when), flush=True)
+
+    def teardown(self, stage: str) -> None:
+        """At the end of a fit: print the skipped samples (unless the last epoch's summary said it all)."""
+        if stage == "fit":
+            self._print_skips("the run")
 
     def stats(self) -> dict[str, float]:
         """The realised mixture ratio per training source and the skipped samples per reason, so far."""
@@ -365,12 +482,15 @@ class MixtureData(L.LightningDataModule):
             **{f"data/skipped/{r}": float(self.counts[f"skipped/{r}"]) for r in REASONS},
         }
 
-    def _log_stats(self) -> None:
-        """Write :meth:`stats` to the run's loggers at the trainer's logging interval, at the step the batch about to
-        train is logged under (Lightning logs ``train/loss`` of step ``k`` when ``(k + 1) % log_every_n_steps == 0``)."""
+    def _log_stats(self, force: bool = False) -> None:
+        """Write :meth:`stats` to the run's loggers at the trainer's logging interval (or, ``force``, now: an
+        epoch's end), at the step the batch about to train is logged under (Lightning logs ``train/loss`` of step
+        ``k`` when ``(k + 1) % log_every_n_steps == 0``)."""
         trainer = self.trainer
         step = trainer.global_step
-        if not trainer.loggers or (step + 1) % trainer.log_every_n_steps or step == self._logged_step:
+        if not trainer.loggers:
+            return
+        if not force and ((step + 1) % trainer.log_every_n_steps or step == self._logged_step):
             return
         self._logged_step = step  # once per optimizer step, whatever the gradient accumulation
         for logger in trainer.loggers:

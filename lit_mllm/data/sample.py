@@ -8,9 +8,22 @@ from typing import Literal
 from lit_mllm.nn.language.chat import Turn
 
 Reason = Literal[
-    "malformed_record", "missing_file", "undecodable_image", "image_mismatch", "no_supervision", "too_long"
+    "malformed_record",
+    "missing_file",
+    "missing_caption",
+    "undecodable_image",
+    "image_mismatch",
+    "box_outside_image",
+    "no_supervision",
+    "too_long",
 ]
-"""Why a sample cannot be used; runs count skipped samples per reason (``data/skipped/<reason>``)."""
+"""Why a sample cannot be used; runs count skipped samples per reason (``data/skipped/<reason>``).
+
+``malformed_record``: the record does not parse or lacks a field; ``missing_file``: its image (file or shard
+member) is not there; ``missing_caption``: an image-caption sample without a caption; ``undecodable_image``;
+``image_mismatch``: image placeholders and images disagree; ``box_outside_image``: a grounding box reaches
+outside its image; ``no_supervision``: nothing to learn (no assistant reply, empty document); ``too_long``:
+over the length limit after image expansion."""
 REASONS: tuple[str, ...] = Reason.__args__
 
 ImageRef = str | bytes

@@ -168,6 +168,11 @@ class Conversations(_JsonRecords):
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise DataError(f"{where} (id {sample_id!r}): 'image' must be a path or a list of paths")
         sample = Sample(sample_id, turns, [self.image_path(p) for p in images], where)
+        if not any(t.role == "assistant" for t in turns):
+            raise sample.fail(
+                "no assistant reply to learn (a 'gpt'/'assistant' turn answering the question)",
+                "no_supervision",
+            )
         try:
             check_turns(turns)
         except ValueError as e:
@@ -198,8 +203,9 @@ def _caption_turns(
 
 class Captions(Source):
     """Image-caption pairs from img2dataset webdataset shards (a folder of ``.tar``, a glob, or one ``.tar``:
-    members ``{key}.jpg`` + ``{key}.txt`` [+ ``{key}.json``]), or a manifest (``.jsonl`` lines
-    ``{"image": path, "caption": text}``, or ``.csv`` with those columns)."""
+    members ``{key}.jpg`` + ``{key}.txt`` [+ ``{key}.json``]; without ``.txt`` the caption is the ``.json``
+    sidecar's ``caption``), or a manifest (``.jsonl`` lines ``{"image": path, "caption": text}``, or ``.csv`` with
+    those columns). A sample without a caption is bad with reason ``missing_caption``."""
 
     def __init__(
         self,
@@ -232,13 +238,22 @@ class Captions(Source):
         suffix = self.file.suffix
         if suffix in (".jsonl", ".csv"):
             if not self.file.is_file():
-                raise DataError(f"{self.file}: no such file", "missing_file")
+                raise DataError(
+                    f"{self.file}: no such file (source path {self.path!r}, root {self.root})", "missing_file"
+                )
             if suffix == ".jsonl":
                 self._rows = _jsonl_lines(self.file)
             else:
                 with open(self.file, newline="", encoding="utf-8") as f:
                     self._rows = [(f"{self.file} row {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
             return len(self._rows)
+        is_glob = any(c in self.path for c in "*?[")
+        if not is_glob and not self.file.exists():
+            raise DataError(
+                f"{self.file}: no such shard folder, .tar shard or manifest (source path {self.path!r}, root "
+                f"{self.root})",
+                "missing_file",
+            )
         shards = self._shards()
         if not shards:
             raise DataError(f"no .tar shards at {self.file}", "missing_file")
@@ -265,6 +280,28 @@ class Captions(Source):
             f.seek(span[0])
             return f.read(span[1])
 
+    def _caption(self, shard: int, key: str, exts: dict[str, tuple[int, int]], where: str) -> str:
+        """A shard sample's caption: its ``.txt`` member, else the ``caption`` of its ``.json`` sidecar (as
+        img2dataset writes it); :class:`DataError` ``missing_caption`` when neither holds one."""
+        if "txt" in exts:
+            caption = self._read(shard, exts["txt"]).decode("utf-8", errors="replace").strip()
+            if caption:
+                return caption
+            found = "an empty .txt member"
+        elif "json" in exts:
+            try:
+                meta = json.loads(self._read(shard, exts["json"]))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                meta, found = None, f"no .txt member and an unreadable .json sidecar ({e})"
+            caption = meta.get("caption") if isinstance(meta, dict) else None
+            if isinstance(caption, str) and caption.strip():
+                return caption.strip()
+            if meta is not None:
+                found = f"no .txt member and no 'caption' in the .json sidecar (got {caption!r})"[:200]
+        else:
+            found = f"no .txt or .json member (found {sorted(exts)})"
+        raise DataError(f"{where} (id {key!r}): no caption: {found}", "missing_caption")
+
     def sample(self, i: int, image_token: str) -> Sample:
         rng = random.Random(f"{self.path}:{i}")
         if self._rows is not None:
@@ -273,24 +310,29 @@ class Captions(Source):
                 row = _json_object(where, row)
             image, caption = row.get(self.image_column), row.get(self.caption_column)
             sample_id = str(row.get("id") or image or where)
-            if not isinstance(image, str) or not image or not isinstance(caption, str):
+            if not isinstance(image, str) or not image or not isinstance(caption, (str, type(None))):
                 raise DataError(
                     f"{where}: needs string fields {self.image_column!r} and {self.caption_column!r}, got {row!r}"[
                         :400
                     ]
+                )
+            if not caption or not caption.strip():
+                raise DataError(
+                    f"{where} (id {sample_id!r}): no caption (empty or missing {self.caption_column!r})",
+                    "missing_caption",
                 )
             turns = _caption_turns(caption, image_token, self.template, rng, (1, 1))
             return Sample(sample_id, turns, [str(self.folder / image)], where)
         shard, key, exts = self._members[i]
         where = f"{self._shard_paths[shard]} key {key}"
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in exts), None)
-        if image_ext is None or "txt" not in exts:
+        if image_ext is None:
             raise DataError(
-                f"{where} (id {key!r}): a sample needs an image ({'/'.join(IMAGE_EXTENSIONS)}) and a .txt member, "
+                f"{where} (id {key!r}): a sample needs an image member ({'/'.join(IMAGE_EXTENSIONS)}), "
                 f"found {sorted(exts)}",
                 "missing_file",
             )
-        caption = self._read(shard, exts["txt"]).decode("utf-8").strip()
+        caption = self._caption(shard, key, exts, where)
         turns = _caption_turns(caption, image_token, self.template, rng, (1, 1))
         return Sample(key, turns, [self._read(shard, exts[image_ext])], where)
 
@@ -404,6 +446,7 @@ class Grounding(_JsonRecords):
         weight: float = 1.0,
         image_folder: str | None = None,
         tasks: list[Task] | None = None,
+        clip_boxes: bool = False,
     ) -> None:
         """
         Args:
@@ -412,9 +455,12 @@ class Grounding(_JsonRecords):
             weight: Share of this source in a training mixture.
             image_folder: Folder image paths are relative to; default: the file's folder.
             tasks: Tasks to render, one per draw (default ``[refer, identify]``).
+            clip_boxes: Clamp a box that reaches outside its image to the image (a box wholly outside stays
+                bad); False: such a record is bad, reason ``box_outside_image``.
         """
         super().__init__(path, weight, image_folder)
         self.template, self.tasks = template, list(tasks or ["refer", "identify"])
+        self.clip_boxes = clip_boxes
 
     def sample(self, i: int, image_token: str) -> Sample:
         record, where = self.record(i)
@@ -429,9 +475,10 @@ class Grounding(_JsonRecords):
         parsed = []
         for obj in objects:
             try:
-                parsed.append((str(obj["phrase"]), Box(*map(float, obj["box"])).check(w, h)))
+                phrase, box = str(obj["phrase"]), Box(*map(float, obj["box"]))
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{where} (id {sample_id!r}): bad object {obj!r}: {e}"[:400]) from None
+            parsed.append((phrase, _fit_box(box, w, h, self.clip_boxes, f"{where} (id {sample_id!r})")))
         if not parsed:
             raise DataError(f"{where} (id {sample_id!r}): no objects", "no_supervision")
         rng = random.Random(f"{self.path}:{i}")
@@ -440,6 +487,27 @@ class Grounding(_JsonRecords):
         fields = {"phrase": phrase, "box": box, "objects": parsed, "caption": record.get("caption")}
         turns = self.template.render(task, fields, image_token, w, h, rng)
         return Sample(f"{sample_id}/{task}", turns, [self.image_path(image)], where)
+
+
+def _fit_box(box: Box, width: int, height: int, clip: bool, where: str) -> Box:
+    """``box`` if it lies in the ``width`` x ``height`` image; reaching outside: clamped to the image when ``clip``,
+    else :class:`DataError` ``box_outside_image``; not a box (``x1 >= x2`` or ``y1 >= y2``): ``malformed_record``."""
+    if not (box.x1 < box.x2 and box.y1 < box.y2):
+        raise DataError(f"{where}: box {tuple(box)} is not a box (need x1 < x2 and y1 < y2, pixels)")
+    if 0 <= box.x1 and box.x2 <= width and 0 <= box.y1 and box.y2 <= height:
+        return box
+    clipped = box.clip(width, height)
+    if clip and clipped.x1 < clipped.x2 and clipped.y1 < clipped.y2:
+        return clipped
+    problem = "lies wholly outside" if clip else "reaches outside"
+    fix = (
+        "fix the annotation"
+        if clip
+        else "fix the annotation, or set clip_boxes: true on this Grounding source"
+    )
+    raise DataError(
+        f"{where}: box {tuple(box)} {problem} the {width}x{height} image; {fix}", "box_outside_image"
+    )
 
 
 def read_llava(
