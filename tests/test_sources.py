@@ -353,6 +353,12 @@ def test_grounding_reads_flattened_refcoco_rows(tmp_path):
         ("q0/0/refer", "the red square", SQUARE),
         ("q0/1/refer", "left one", SQUARE),
     ]
+    with pytest.raises(
+        DataError, match="lmms.json record 0: split='val' .* no 'split' field; set split: null"
+    ):
+        Grounding("lmms.json", split="val", **kw).open(
+            tmp_path
+        )  # lmms-lab keeps its splits in separate files
     # a row that names its image by id only, and a single ``sentence``
     (tmp_path / "ids.jsonl").write_text(
         json.dumps({"image_id": 9, "sentence": "the wide box", "bbox": [50.5, 10, 40, 30]})
