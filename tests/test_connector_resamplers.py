@@ -162,6 +162,39 @@ def test_resize_pos_embed():
     torch.testing.assert_close(grid[:, :, 4], grid[:, :1, 4].expand(6, 6))
 
 
+def qwen_get_abs_pos(abs_pos, tgt_size: int):
+    """Qwen-VL's ``get_abs_pos`` (visual.py), restated: ``[L, C]`` table, target token count ``M`` -> ``[M, C]``,
+    bicubic ``F.interpolate`` (``align_corners=False``, no antialias) of the square grid in fp32, back to the
+    table's dtype; the table itself when the sides agree."""
+    src, tgt = int(math.sqrt(abs_pos.size(0))), int(math.sqrt(tgt_size))
+    if src == tgt:
+        return abs_pos
+    grid = abs_pos.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)  # [1, C, src, src]
+    out = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).flatten(0, 2).to(abs_pos.dtype)
+
+
+@pytest.mark.parametrize("src,side", [(4, 7), (4, 6), (5, 3), (16, 24), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resize_pos_embed_equals_qwen_get_abs_pos(src, side, dtype):
+    """On a random table (so a transposed grid or swapped halves would show), up- and downsampling."""
+    torch.manual_seed(0)
+    table = torch.randn(src * src, 8).to(dtype)
+    resized = resize_pos_embed(table, side)
+    expected = qwen_get_abs_pos(table, side * side)
+    assert resized.dtype == dtype and resized.shape == (side * side, 8)
+    torch.testing.assert_close(resized, expected, rtol=0, atol=0)
+    if src != side:  # the reference is not met by other resizes: bilinear, corner-aligned, or antialiased
+        grid = table.float().reshape(1, src, src, 8).permute(0, 3, 1, 2)
+        for kwargs in (
+            {"mode": "bilinear", "align_corners": False},
+            {"mode": "bicubic", "align_corners": True},
+            {"mode": "bicubic", "align_corners": False, "antialias": True},
+        ):
+            other = F.interpolate(grid, size=(side, side), **kwargs).permute(0, 2, 3, 1).reshape(-1, 8)
+            assert (other.to(dtype).float() - expected.float()).abs().max() > 1e-3, kwargs
+
+
 def test_qwen_forward_matches_direct_formula():
     torch.manual_seed(0)
     conn = QwenVLResampler(12, 20, num_queries=4, hidden_size=16, num_heads=2).eval()
@@ -175,7 +208,7 @@ def test_qwen_forward_matches_direct_formula():
     b_q, b_k, b_v = conn.attn.in_proj_bias.chunk(3)
     kv = F.layer_norm(x @ conn.kv_proj.weight.T, (16,), conn.ln_kv.weight, conn.ln_kv.bias, 1e-6)
     q = F.layer_norm(conn.query, (16,), conn.ln_q.weight, conn.ln_q.bias, 1e-6) + sincos_2d_pos_embed(16, 2)
-    k = kv + resize_pos_embed(sincos_2d_pos_embed(16, 2), 3)  # position on the keys only
+    k = kv + qwen_get_abs_pos(sincos_2d_pos_embed(16, 2), 9)  # position on the keys only (Qwen-VL's resize)
     qh = (q @ w_q.T + b_q).view(4, heads, d).transpose(0, 1)  # [h, Q, d]
     kh = (k @ w_k.T + b_k).view(2, 9, heads, d).transpose(1, 2)  # [B, h, N, d]
     vh = (kv @ w_v.T + b_v).view(2, 9, heads, d).transpose(1, 2)

@@ -241,3 +241,124 @@ def test_pixel_shuffle_matches_internvl():
     # InternVL's pixel_shuffle reads nothing from the model; call it on the [B, S, S, D] grid as InternVL does
     ref = InternVLModel.pixel_shuffle(None, x.reshape(2, 8, 8, IN), scale_factor=0.5).reshape(2, 16, 4 * IN)
     torch.testing.assert_close(space_to_depth(x, 2), ref, rtol=0, atol=0)
+
+
+# -- C-Abstractor against its reference form -----------------------------------------------------------------------
+def _ln2d(x, weight, bias, eps):
+    """Channel LayerNorm of ``[B, C, H, W]``, written out: mean and biased variance over C at each position."""
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def reference_block(x, p: dict, eps: float = 1e-5, act_after_add: bool = True):
+    """Honeybee's residual block (timm ``RegStage`` bottleneck with ratio 1, group size 1, SiLU, LayerNorm2d,
+    squeeze-excitation), written from its definition; ``p`` holds the weights by their role. The activation comes
+    after the residual add (``act_after_add=False``: the planted mistake of activating the branch before it)."""
+    silu = F.silu
+    y = silu(_ln2d(F.conv2d(x, p["w1"]), *p["n1"], eps))  # 1x1
+    y = silu(_ln2d(F.conv2d(y, p["w2"], padding=1, groups=y.shape[1]), *p["n2"], eps))  # depthwise 3x3
+    if "se1" in p:
+        s = y.mean((2, 3), keepdim=True)
+        s = torch.sigmoid(F.conv2d(silu(F.conv2d(s, *p["se1"])), *p["se2"]))
+        y = y * s
+    y = _ln2d(F.conv2d(y, p["w3"]), *p["n3"], eps)  # 1x1, no activation
+    shortcut = _ln2d(F.conv2d(x, p["ws"]), *p["ns"], eps) if "ws" in p else x
+    return silu(y + shortcut) if act_after_add else silu(y) + shortcut
+
+
+def block_params(block) -> dict:
+    """The weights of one of our ResBlocks by their role in :func:`reference_block`."""
+    p = {
+        "w1": block.conv1[0].weight,
+        "n1": (block.conv1[1].weight, block.conv1[1].bias),
+        "w2": block.conv2[0].weight,
+        "n2": (block.conv2[1].weight, block.conv2[1].bias),
+        "w3": block.conv3[0].weight,
+        "n3": (block.conv3[1].weight, block.conv3[1].bias),
+    }
+    if not isinstance(block.se, torch.nn.Identity):
+        p["se1"] = (block.se.fc1.weight, block.se.fc1.bias)
+        p["se2"] = (block.se.fc2.weight, block.se.fc2.bias)
+    if not isinstance(block.shortcut, torch.nn.Identity):
+        p["ws"], p["ns"] = block.shortcut[0].weight, (block.shortcut[1].weight, block.shortcut[1].bias)
+    return p
+
+
+@pytest.mark.parametrize("squeeze_excite", [True, False])
+@pytest.mark.parametrize("widths", [(8, 12), (12, 12)], ids=["shortcut-conv", "identity"])
+def test_cabstractor_block_equals_hand_written_reference(squeeze_excite, widths):
+    from lit_mllm.nn.connectors.abstractor import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(*widths, squeeze_excite=squeeze_excite).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.7)
+    x = torch.randn(2, widths[0], 5, 5, dtype=torch.float64) * 2
+    with torch.no_grad():
+        expected = reference_block(x, block_params(block))
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+        # the test tells the two orders apart: activating before the add gives other values
+        before = reference_block(x, block_params(block), act_after_add=False)
+        assert (before - expected).abs().max() > 0.1
+
+
+def test_cabstractor_equals_hand_written_reference():
+    """The whole connector: grid, ``depth`` blocks, adaptive average pool, ``depth`` blocks, tokens, MLP."""
+    torch.manual_seed(0)
+    conn = CAbstractor(IN, OUT, out_tokens=4, depth=2, hidden_dim=8).double()
+    with torch.no_grad():
+        for p in conn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 36, IN, dtype=torch.float64)
+    grid = x.transpose(1, 2).reshape(2, IN, 6, 6)  # raster order: token r * 6 + c at row r, column c
+    for block in conn.before:
+        grid = reference_block(grid, block_params(block))
+    grid = F.adaptive_avg_pool2d(grid, 2)
+    for block in conn.after:
+        grid = reference_block(grid, block_params(block))
+    tokens = grid.flatten(2).transpose(1, 2)  # [B, 4, 8]
+    mlp = conn.readout
+    expected = F.linear(
+        F.gelu(F.linear(tokens, mlp.linear_1.weight, mlp.linear_1.bias)),
+        mlp.linear_2.weight,
+        mlp.linear_2.bias,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(conn(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cabstractor_blocks_equal_honeybee_regstage():
+    """Parity with the module Honeybee builds (timm ``RegStage(depth, in, out, stride=1, dilation=1,
+    act_layer=SiLU, norm_layer=LayerNorm2d)``, adaptive pool, the same again), weights copied over."""
+    timm_regnet = pytest.importorskip("timm.models.regnet")
+    from timm.layers import LayerNorm2d
+
+    torch.manual_seed(0)
+    conn = CAbstractor(IN, OUT, out_tokens=4, depth=2, hidden_dim=8).double()
+
+    def stage(c_in, c_out):
+        return timm_regnet.RegStage(
+            2, c_in, c_out, stride=1, dilation=1, act_layer=torch.nn.SiLU, norm_layer=LayerNorm2d
+        )
+
+    net = torch.nn.Sequential(stage(IN, 8), torch.nn.AdaptiveAvgPool2d((2, 2)), stage(8, 8)).double().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    names = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "downsample": "shortcut", "se": "se"}
+    ours = {}
+    for ours_name, theirs in (("before", net[0]), ("after", net[2])):
+        for k, block in enumerate(theirs.children()):
+            for key, value in block.state_dict().items():  # conv1.conv.weight -> before.0.conv1.0.weight
+                part, rest = key.split(".", 1)
+                rest = rest.replace("conv.", "0.").replace("bn.", "1.")
+                ours[f"{ours_name}.{k}.{names[part]}.{rest}"] = value
+    missing, unexpected = conn.load_state_dict(ours, strict=False)
+    assert not unexpected and all(k.startswith("readout.") for k in missing)
+    x = torch.randn(2, 36, IN, dtype=torch.float64)
+    grid = x.transpose(1, 2).reshape(2, IN, 6, 6)
+    with torch.no_grad():
+        expected = conn.readout(net(grid).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(conn(x), expected, rtol=1e-10, atol=1e-10)

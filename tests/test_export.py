@@ -161,6 +161,44 @@ def test_processor_folder_prepares_inputs_as_we_do(tmp_path, shapes_root, layout
     assert_same_logits(model, llava, ours)
 
 
+def test_two_image_prompt_keeps_each_image_where_it_is_in_the_list(tmp_path, shapes_root):
+    """The usual list content ``[image, text, image, text]`` through the exported chat template and processor gives
+    the ids and pixels of the training record ``<image>\\nA<image>\\nB`` (each image before its own text)."""
+    model = build()
+    scramble(model)
+    out = export_llava(model, tmp_path / "llava")
+    paths = [read_llava(shapes_root / "train.json")[k].images[0] for k in (0, 1)]
+    first, second = "What is in the first image?", "And in this one?"
+    sample = Sample(
+        "two",
+        [Turn("user", f"<image>\n{first}<image>\n{second}"), Turn("assistant", "shapes")],
+        paths,
+    )
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    ours = collate(
+        [model.processor()(sample, for_generation=True)], pad_token_id=processor.tokenizer.pad_token_id
+    )
+
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": first},
+        {"type": "image"},
+        {"type": "text", "text": second},
+    ]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert text.count("<image>") == 2
+    assert (
+        text.index(first) < text.rindex("<image>") < text.index(second)
+    )  # the second image after the first text
+    theirs = processor(images=[Image.open(p) for p in paths], text=text, return_tensors="pt")
+    assert theirs["input_ids"].tolist() == ours.input_ids.tolist()
+    pixels = normalize(ours.pixel_values, model.vision_tower.mean, model.vision_tower.std)
+    assert not torch.equal(pixels[0], pixels[1])  # two different images, so their order is checked too
+    torch.testing.assert_close(theirs["pixel_values"], pixels, rtol=0, atol=1e-6)
+    llava = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert_same_logits(model, llava, ours)
+
+
 def test_chat_template_leaves_bos_to_a_tokenizer_that_adds_it(tmp_path):
     from tokenizers.processors import TemplateProcessing
 
@@ -204,6 +242,29 @@ def test_vicuna_chat_template_renders_like_vicuna(system, user, assistant, texts
         turns = [Turn("system", "Be brief.\n")] + turns
     generation = turns[-1].role == "user"
     messages = [{"role": t.role, "content": t.text} for t in turns]
+    rendered = tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+    )
+    assert rendered == fmt.render(turns, tok, add_generation_prompt=generation).text
+
+
+items = st.lists(st.one_of(st.just(None), names), min_size=1, max_size=6)  # None: an image
+
+
+@settings(max_examples=40, deadline=None)
+@given(contents=st.lists(items, min_size=1, max_size=3))
+def test_vicuna_chat_template_keeps_list_items_in_order(contents):
+    """List contents render item by item (an image as ``<image>\\n``), like the turn text a record has."""
+    tok = tiny_tokenizer()
+    fmt = VicunaV1()
+    template = vicuna_chat_template(fmt, "<image>", bos=True)
+    messages, turns = [], []
+    for k, content in enumerate(contents):
+        role = ["user", "assistant"][k % 2]
+        listed = [{"type": "image"} if c is None else {"type": "text", "text": c} for c in content]
+        messages.append({"role": role, "content": listed})
+        turns.append(Turn(role, "".join("<image>\n" if c is None else c for c in content)))
+    generation = turns[-1].role == "user"
     rendered = tok.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=generation
     )

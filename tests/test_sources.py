@@ -317,3 +317,184 @@ def test_a_box_outside_its_image_has_its_own_reason_or_is_clipped_when_asked(tmp
     with pytest.raises(DataError, match="not a box") as e:
         clipping.sample(2, TOKEN)
     assert e.value.reason == "malformed_record"
+
+
+# -- RefCOCO as it is distributed ----------------------------------------------------------------------------------
+COCO_NAME = "COCO_train2014_000000000009.jpg"
+
+
+def refcoco_folder(root):
+    """A COCO image (100 x 50) under ``coco/train2014`` and the refer toolkit's annotations of two objects:
+    ``instances.json`` (COCO: images, annotations with ``bbox`` [x, y, w, h]) and refs with RefCOCO's fields."""
+    images = root / "coco" / "train2014"
+    images.mkdir(parents=True)
+    Image.new("RGB", (100, 50), (200, 30, 30)).save(images / COCO_NAME)
+    instances = {
+        "images": [{"id": 9, "file_name": COCO_NAME, "width": 100, "height": 50}],
+        "annotations": [
+            {"id": 7, "image_id": 9, "category_id": 1, "bbox": [10.0, 5.0, 20.0, 20.0], "area": 400.0,
+             "iscrowd": 0, "segmentation": [[10, 5, 30, 5, 30, 25, 10, 25]]},
+            {"id": 8, "image_id": 9, "category_id": 2, "bbox": [50.5, 10.0, 40.0, 30.0], "area": 1200.0,
+             "iscrowd": 0, "segmentation": [[50.5, 10, 90.5, 10, 90.5, 40, 50.5, 40]]},
+        ],
+        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "rectangle"}],
+    }  # fmt: skip
+
+    def sent(i, text):
+        return {"tokens": text.split(), "raw": text.capitalize() + ".", "sent_id": i, "sent": text}
+
+    refs = [
+        {"sent_ids": [0, 1], "file_name": "COCO_train2014_000000000009_7.jpg", "ann_id": 7, "ref_id": 3,
+         "image_id": 9, "split": "train", "sentences": [sent(0, "the red square"), sent(1, "left one")],
+         "category_id": 1},
+        {"sent_ids": [2], "file_name": "COCO_train2014_000000000009_8.jpg", "ann_id": 8, "ref_id": 4,
+         "image_id": 9, "split": "val", "sentences": [sent(2, "the wide box")], "category_id": 2},
+    ]  # fmt: skip
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "instances.json").write_text(json.dumps(instances))
+    (root / "refcoco" / "refs(unc).json").write_text(json.dumps(refs))
+    return refs
+
+
+def referred(source, i):
+    """(id, phrase, box in pixels) of the ``refer`` sample ``i``."""
+    s = source.sample(i, TOKEN)
+    phrase = s.turns[0].text.split("Where is ")[1].split("?")[0]
+    (box,) = source.template.parse_boxes(s.turns[1].text, 100, 50)
+    return s.id, phrase, tuple(round(v, 1) for v in box)
+
+
+SQUARE, WIDE = (10.0, 5.0, 30.0, 25.0), (50.5, 10.0, 90.5, 40.0)  # the two COCO boxes as corners
+
+
+def test_grounding_reads_refer_refs_and_coco_instances(tmp_path, model):
+    refcoco_folder(tmp_path)
+    kw = {"template": PlainTasks(), "tasks": ["refer"], "image_folder": "coco/train2014", "format": "refer"}
+    source = Grounding("refcoco/refs(unc).json", **kw).open(tmp_path)
+    assert len(source) == 3  # one sample per referring expression
+    assert [referred(source, i) for i in range(3)] == [
+        ("3/0/refer", "the red square", SQUARE),
+        ("3/1/refer", "left one", SQUARE),
+        ("4/0/refer", "the wide box", WIDE),
+    ]
+    assert source.sample(0, TOKEN).images == [str(tmp_path / "coco" / "train2014" / COCO_NAME)]
+    model.processor()(source.sample(2, TOKEN))  # the image opens and tokenizes
+    train = Grounding("refcoco/refs(unc).json", split="train", **kw).open(tmp_path)
+    assert [referred(train, i)[0] for i in range(len(train))] == ["3/0/refer", "3/1/refer"]
+    # instances named explicitly; a ref whose annotation is not there is one bad record, named
+    (tmp_path / "other.json").write_text(json.dumps({"images": [], "annotations": []}))
+    lost = Grounding("refcoco/refs(unc).json", instances="other.json", **kw).open(tmp_path)
+    with pytest.raises(
+        DataError, match=r"ref 0 \(ref_id 3\): ann_id 7 / image_id 9 not found in .*other.json"
+    ):
+        lost.sample(0, TOKEN)
+
+
+def test_pickled_refs_only_with_trust_pickle(tmp_path):
+    import pickle
+
+    refs = refcoco_folder(tmp_path)
+    with open(tmp_path / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)  # as the refer toolkit ships it
+    kw = {"template": PlainTasks(), "tasks": ["refer"], "image_folder": "coco/train2014", "format": "refer"}
+    with pytest.raises(ValueError, match=r"'refcoco/refs\(unc\).p' is a Python pickle.*trust_pickle: true"):
+        Grounding("refcoco/refs(unc).p", **kw)
+    trusted = Grounding("refcoco/refs(unc).p", trust_pickle=True, **kw).open(tmp_path)
+    from_json = Grounding("refcoco/refs(unc).json", **kw).open(tmp_path)
+    assert [referred(trusted, i) for i in range(3)] == [referred(from_json, i) for i in range(3)]
+
+
+def test_grounding_reads_flattened_refcoco_rows(tmp_path):
+    """jxu124/refcoco rows (``sentences`` of ``{"sent": ...}``, ``image_path``, ``raw_image_info``, ``split``) and
+    lmms-lab/RefCOCO rows (``answer`` strings, ``file_name``, no size: read from the image), COCO ``bbox``."""
+    refs = refcoco_folder(tmp_path)
+    info = {"file_name": COCO_NAME, "height": 50, "width": 100, "id": 9}
+    jxu = []
+    for ref, bbox in zip(refs, ([10.0, 5.0, 20.0, 20.0], [50.5, 10.0, 40.0, 30.0])):
+        jxu.append({
+            **ref, "raw_anns": json.dumps({"id": ref["ann_id"], "bbox": bbox}), "raw_image_info": json.dumps(info),
+            "raw_sentences": json.dumps(ref["sentences"]), "image_path": f"coco/train2014/{COCO_NAME}", "bbox": bbox,
+            "captions": [s["sent"] for s in ref["sentences"]], "global_image_id": "coco.9", "anns_id": str(ref["ann_id"]),
+        })  # fmt: skip
+    (tmp_path / "jxu.jsonl").write_text("\n".join(json.dumps(r) for r in jxu) + "\n")
+    kw = {"template": PlainTasks(), "tasks": ["refer"], "format": "rows"}
+    rows = Grounding("jxu.jsonl", **kw).open(tmp_path)
+    assert [referred(rows, i) for i in range(len(rows))] == [
+        ("3/0/refer", "the red square", SQUARE),
+        ("3/1/refer", "left one", SQUARE),
+        ("4/0/refer", "the wide box", WIDE),
+    ]
+    assert rows.sample(0, TOKEN).images == [str(tmp_path / "coco" / "train2014" / COCO_NAME)]
+    val = Grounding("jxu.jsonl", split="val", **kw).open(tmp_path)
+    assert [referred(val, i)[:2] for i in range(len(val))] == [("4/0/refer", "the wide box")]
+
+    lmms = [
+        {"question_id": "q0", "question": "Describe the region.", "answer": ["the red square", "left one"],
+         "segmentation": [10, 5, 30, 5, 30, 25, 10, 25], "bbox": [10.0, 5.0, 20.0, 20.0], "iscrowd": 0,
+         "file_name": COCO_NAME},
+    ]  # fmt: skip
+    (tmp_path / "lmms.json").write_text(json.dumps(lmms))
+    rows = Grounding("lmms.json", image_folder="coco/train2014", **kw).open(tmp_path)
+    assert [referred(rows, i) for i in range(2)] == [
+        ("q0/0/refer", "the red square", SQUARE),
+        ("q0/1/refer", "left one", SQUARE),
+    ]
+    with pytest.raises(
+        DataError, match="lmms.json record 0: split='val' .* no 'split' field; set split: null"
+    ):
+        Grounding("lmms.json", split="val", **kw).open(
+            tmp_path
+        )  # lmms-lab keeps its splits in separate files
+    # a row that names its image by id only, and a single ``sentence``
+    (tmp_path / "ids.jsonl").write_text(
+        json.dumps({"image_id": 9, "sentence": "the wide box", "bbox": [50.5, 10, 40, 30]})
+    )
+    pattern = "COCO_train2014_{image_id:012d}.jpg"
+    rows = Grounding("ids.jsonl", image_folder="coco/train2014", image_pattern=pattern, **kw).open(tmp_path)
+    assert referred(rows, 0) == ("ids.jsonl#0/0/refer", "the wide box", WIDE)
+    with pytest.raises(DataError, match="set image_pattern"):
+        Grounding("ids.jsonl", **kw).open(tmp_path).sample(0, TOKEN)
+
+
+def test_box_convention_is_an_explicit_option(tmp_path):
+    refcoco_folder(tmp_path)
+    row = {"id": "r", "sentence": "the wide box", "bbox": [50.5, 10, 90.5, 40], "width": 100, "height": 50,
+           "image_path": f"coco/train2014/{COCO_NAME}"}  # fmt: skip
+    (tmp_path / "corners.jsonl").write_text(json.dumps(row))
+    kw = {"template": PlainTasks(), "tasks": ["refer"], "format": "rows"}
+    assert referred(Grounding("corners.jsonl", box_format="xyxy", **kw).open(tmp_path), 0)[2] == WIDE
+    with pytest.raises(DataError, match="not a box inside the 100x50 image"):  # read as COCO x, y, w, h
+        Grounding("corners.jsonl", **kw).open(tmp_path).sample(0, TOKEN)
+    record = {"id": "o", "image": f"coco/train2014/{COCO_NAME}", "width": 100, "height": 50,
+              "objects": [{"phrase": "the red square", "box": [10, 5, 20, 20]}]}  # fmt: skip
+    (tmp_path / "objects.jsonl").write_text(json.dumps(record))
+    objects = Grounding("objects.jsonl", template=PlainTasks(), tasks=["refer"], box_format="xywh").open(
+        tmp_path
+    )
+    assert referred(objects, 0)[2] == SQUARE
+    with pytest.raises(ValueError, match="box_format must be 'xyxy' or 'xywh'"):
+        Grounding("objects.jsonl", template=PlainTasks(), box_format="cxcywh")
+    with pytest.raises(ValueError, match="format must be 'objects', 'rows' or 'refer'"):
+        Grounding("objects.jsonl", template=PlainTasks(), format="coco")
+
+
+def test_refcoco_rows_without_expression_or_box_are_named(tmp_path):
+    refcoco_folder(tmp_path)
+    image = f"coco/train2014/{COCO_NAME}"
+    rows = [
+        {"ref_id": 1, "sentences": [], "bbox": [1, 1, 5, 5], "image_path": image},
+        {"ref_id": 2, "sentences": [{"tokens": []}], "bbox": [1, 1, 5, 5], "image_path": image},
+        {"ref_id": 3, "sentence": "a box", "bbox": [1, 1, 5], "image_path": image},
+        {"ref_id": 4, "sentence": "a box", "bbox": [1, 1, 5, 5], "image_path": "coco/gone.jpg"},
+    ]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source = Grounding("bad.jsonl", template=PlainTasks(), format="rows").open(tmp_path)
+    assert len(source) == 4
+    reasons = []
+    for i, match in enumerate(["holds no referring expression", r"\{'sent': str\}", "'bbox' must be 4 numbers",
+                               "image .*gone.jpg not found"]):  # fmt: skip
+        with pytest.raises(DataError, match=match) as e:
+            source.sample(i, TOKEN)
+        assert f"bad.jsonl line {i + 1}" in str(e.value)
+        reasons.append(e.value.reason)
+    assert reasons == ["no_supervision", "malformed_record", "malformed_record", "missing_file"]

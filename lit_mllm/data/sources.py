@@ -431,9 +431,71 @@ class TextOnly(_JsonRecords):
         return Sample(sample_id, where=where, text=text)
 
 
+SENTENCE_FIELDS = ("sentences", "sentence", "captions", "answer")
+"""Fields a flattened RefCOCO row may hold its referring expressions in, looked up in this order: ``sentences``
+(the refer toolkit's ``[{"sent": ...}]`` or strings), ``sentence``, ``captions`` (jxu124/refcoco), ``answer``
+(lmms-lab/RefCOCO)."""
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+
+
+def _sentences(row: dict, where: str) -> list[str]:
+    """The referring expressions of a RefCOCO row or ref (see :data:`SENTENCE_FIELDS`)."""
+    key = next((k for k in SENTENCE_FIELDS if row.get(k) is not None), None)
+    value = row.get(key) if key else None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list):
+        raise DataError(
+            f"{where}: no referring expression: expected one of the fields {list(SENTENCE_FIELDS)}"
+        )
+    out = []
+    for v in values:
+        text = v.get("sent", v.get("raw")) if isinstance(v, dict) else v
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {key!r} must hold strings or {{'sent': str}} objects, got {v!r}"[:400])
+        out.append(text)
+    if not any(t.strip() for t in out):
+        raise DataError(f"{where}: {key!r} holds no referring expression", "no_supervision")
+    return out
+
+
+def _sentence_count(row) -> int:
+    """Index entries of a row: one per referring expression (a row that cannot be read counts once: its error
+    comes when it is drawn)."""
+    try:
+        return max(1, len(_sentences(row, "")))
+    except (DataError, AttributeError):
+        return 1
+
+
+def _xyxy(box, box_format: str, where: str) -> list[float]:
+    """A pixel box as ``[x1, y1, x2, y2]`` from ``box_format`` (``xywh``: COCO's top-left corner, width, height)."""
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(isinstance(v, int | float) for v in box):
+        raise DataError(f"{where}: 'bbox' must be 4 numbers ({box_format}, pixels), got {box!r}"[:400])
+    if box_format == "xyxy":
+        return [float(v) for v in box]
+    x, y, w, h = (float(v) for v in box)
+    return [x, y, x + w, y + h]
+
+
 class Grounding(_JsonRecords):
-    """RefCOCO-style grounding records, ``.jsonl`` lines ``{"id", "image", "width", "height", "objects":
-    [{"phrase": "the small red circle", "box": [x1, y1, x2, y2]}, ...]}`` with pixel boxes.
+    """Grounding records (RefCOCO/+/g and the like), in one of three forms (``format``):
+
+    - ``objects`` (default): ``.jsonl`` lines / a ``.json`` list ``{"id", "image", "width", "height", "objects":
+      [{"phrase": "the small red circle", "box": [x1, y1, x2, y2]}, ...]}`` with pixel boxes.
+    - ``rows``: flattened RefCOCO rows as people download them (jxu124/refcoco, lmms-lab/RefCOCO exported to
+      JSON / JSONL, one referred object per row): COCO ``bbox`` ``[x, y, w, h]`` in pixels, the expressions in
+      ``sentences`` (strings or ``{"sent": ...}``), ``sentence``, ``captions`` or ``answer``, the image as
+      ``image_path``, ``image`` (a path), ``image_pattern`` filled from the row (``image_id`` only), or
+      ``file_name``; the image size from ``width``/``height``, jxu124's ``raw_image_info``, or the image file.
+    - ``refer``: the refer toolkit's layout: ``path`` is the refs file (``refs(unc).json``; the pickled
+      ``refs(unc).p`` only with ``trust_pickle: true``: unpickling can run code) and ``instances`` the COCO-style
+      ``instances.json`` (``images`` with ``file_name``/``width``/``height``, ``annotations`` with ``bbox``
+      ``[x, y, w, h]``); each ref's ``ann_id`` gives its box and ``image_id`` its image.
+
+    ``rows`` and ``refer`` give one sample per referring expression (RefCOCO has about three per object) and
+    keep one RefCOCO ``split`` if asked; their index is built when the source is opened. Boxes are converted to
+    corners by ``box_format``, which defaults to each form's convention: ``xyxy`` for ``objects``, COCO's
+    ``xywh`` for ``rows`` and ``refer``.
 
     Each draw renders one task (chosen per record, deterministically) with the task template's instruction and
     box format: ``refer`` (phrase -> box), ``identify`` (box -> phrase), ``detection`` (all objects with boxes).
@@ -447,20 +509,194 @@ class Grounding(_JsonRecords):
         image_folder: str | None = None,
         tasks: list[Task] | None = None,
         clip_boxes: bool = False,
+        format: Literal["objects", "rows", "refer"] = "objects",
+        box_format: Literal["xyxy", "xywh"] | None = None,
+        split: str | None = None,
+        instances: str | None = None,
+        image_pattern: str | None = None,
+        trust_pickle: bool = False,
     ) -> None:
         """
         Args:
-            path: ``.jsonl`` file of grounding records.
+            path: ``.jsonl`` / ``.json`` file of records or rows; for ``refer`` the refs file.
             template: Task template: instructions and box format (MiniGPT-v2, Qwen-VL, Pink, plain).
             weight: Share of this source in a training mixture.
-            image_folder: Folder image paths are relative to; default: the file's folder.
+            image_folder: Folder image paths are relative to (COCO's ``train2014`` for RefCOCO); default: the
+                file's folder.
             tasks: Tasks to render, one per draw (default ``[refer, identify]``).
+            format: ``objects`` (records with an ``objects`` list), ``rows`` (flattened RefCOCO rows) or
+                ``refer`` (refs file + COCO instances); see the class docstring.
+            box_format: How boxes are written: ``xyxy`` (corners) or ``xywh`` (top-left, width, height), in pixels;
+                default ``xyxy`` for ``objects``, ``xywh`` (COCO) for ``rows`` and ``refer``.
+            split: ``rows`` / ``refer``: keep only the rows or refs whose ``split`` field is this (``train``,
+                ``val``, ``testA``, ``testB``, ``test``); None keeps all.
+            instances: ``refer``: the COCO-style ``instances.json``; default ``instances.json`` beside the refs
+                file.
+            image_pattern: ``rows`` without an image path: the file name built from the row's fields, e.g.
+                ``COCO_train2014_{image_id:012d}.jpg``.
+            trust_pickle: Read a pickled refs file (``refs(unc).p``). Unpickling runs whatever code the file holds:
+                set it only for a file you trust, or convert the file to JSON once.
             clip_boxes: Clamp a box that reaches outside its image to the image (a box wholly outside stays
                 bad); False: such a record is bad, reason ``box_outside_image``.
         """
         super().__init__(path, weight, image_folder)
         self.template, self.tasks = template, list(tasks or ["refer", "identify"])
         self.clip_boxes = clip_boxes
+        if format not in ("objects", "rows", "refer"):
+            raise ValueError(f"Grounding format must be 'objects', 'rows' or 'refer', got {format!r}")
+        if box_format not in (None, "xyxy", "xywh"):
+            raise ValueError(f"Grounding box_format must be 'xyxy' or 'xywh', got {box_format!r}")
+        self.format, self.split, self.image_pattern = format, split, image_pattern
+        self.box_format = box_format or ("xyxy" if format == "objects" else "xywh")
+        self.instances, self.trust_pickle = instances, trust_pickle
+        if Path(path).suffix.lower() in PICKLE_SUFFIXES and not trust_pickle:
+            raise ValueError(
+                f"Grounding: {path!r} is a Python pickle, and loading a pickle runs whatever code it holds; it is "
+                "read only with trust_pickle: true (set it for a file you trust, such as the refer toolkit's "
+                'refs(unc).p), or convert it to JSON once: python -c "import json, pickle; '
+                "json.dump(pickle.load(open('refs(unc).p', 'rb')), open('refs(unc).json', 'w'))\""
+            )
+
+    # -- reading the formats: every form becomes an ``objects`` record (pixel corners) -------------------------
+    def _index(self) -> int:
+        if self.format == "refer":
+            return self._index_refer()
+        size = super()._index()
+        if self.format == "objects":
+            return size
+        self._entries = []  # (row, expression)
+        for i in range(size):
+            try:
+                row, where = super().record(i)
+            except DataError:
+                self._entries.append((i, 0))  # reported when drawn
+                continue
+            if self.split is not None and row.get("split") != self.split:
+                if "split" not in row:
+                    raise DataError(
+                        f"{where}: split={self.split!r} keeps the rows of one RefCOCO split, but this row has no "
+                        "'split' field; set split: null for a file that holds one split"
+                    )
+                continue
+            self._entries += [(i, k) for k in range(_sentence_count(row))]
+        return len(self._entries)
+
+    def _load_json(self, path: Path, what: str):
+        if not path.is_file():
+            raise DataError(f"{path}: no such file ({what}; root {self.root})", "missing_file")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); a pickled refs file is "
+                f"read when its name ends in {'/'.join(PICKLE_SUFFIXES)} and trust_pickle is true"
+            ) from None
+
+    def _index_refer(self) -> int:
+        path = self.file
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            if not path.is_file():
+                raise DataError(f"{path}: no such file (refs; root {self.root})", "missing_file")
+            import pickle
+
+            with open(path, "rb") as f:
+                refs = pickle.load(f)  # trust_pickle is true (checked when the source was built)
+        else:
+            refs = self._load_json(path, "refs")
+        instances_path = self.root / self.instances if self.instances else path.parent / "instances.json"
+        instances = self._load_json(instances_path, "COCO instances")
+        if not isinstance(refs, list) or not isinstance(instances, dict):
+            raise DataError(
+                f"{path}: expected a list of refs and {instances_path} a COCO instances object with 'images' "
+                "and 'annotations'"
+            )
+        try:
+            self._images = {im["id"]: im for im in instances["images"]}
+            self._anns = {a["id"]: a for a in instances["annotations"]}
+        except (KeyError, TypeError) as e:
+            raise DataError(
+                f"{instances_path}: not COCO instances ('images' and 'annotations' with 'id' each): {e!r}"
+            ) from None
+        self._instances_path = instances_path
+        self._refs = refs
+        self._entries = [
+            (r, k)
+            for r, ref in enumerate(refs)
+            if self.split is None or not isinstance(ref, dict) or ref.get("split") == self.split
+            for k in range(_sentence_count(ref))
+        ]
+        return len(self._entries)
+
+    def record(self, i: int) -> tuple[dict, str]:
+        """Record ``i`` as an ``objects`` record with pixel corners, and where it is."""
+        if self.format == "objects":
+            record, where = super().record(i)
+            if self.box_format == "xywh" and isinstance(record.get("objects"), list):
+                objects = [
+                    {**o, "box": _xyxy(o["box"], "xywh", where)} if isinstance(o, dict) and "box" in o else o
+                    for o in record["objects"]
+                ]
+                record = {**record, "objects": objects}
+            return record, where
+        r, k = self._entries[i]
+        if self.format == "rows":
+            row, where = super().record(r)
+            return self._from_row(row, r, k, where), where
+        ref = self._refs[r]
+        where = f"{self.file} ref {r}"
+        if not isinstance(ref, dict):
+            raise DataError(f"{where}: a ref must be an object, got {type(ref).__name__}")
+        ann, image = self._anns.get(ref.get("ann_id")), self._images.get(ref.get("image_id"))
+        if ann is None or image is None:
+            raise DataError(
+                f"{where} (ref_id {ref.get('ref_id')!r}): ann_id {ref.get('ann_id')!r} / image_id "
+                f"{ref.get('image_id')!r} not found in {self._instances_path}; use the instances file of the "
+                "same dataset as the refs"
+            )
+        phrase = _sentences(ref, where)[k]
+        return {
+            "id": f"{ref.get('ref_id', r)}/{k}",
+            "image": image.get("file_name"),
+            "width": image.get("width"),
+            "height": image.get("height"),
+            "objects": [{"phrase": phrase, "box": _xyxy(ann.get("bbox"), self.box_format, where)}],
+        }, where
+
+    def _from_row(self, row: dict, r: int, k: int, where: str) -> dict:
+        """The ``objects`` record of expression ``k`` of flattened RefCOCO row ``r``."""
+        phrase = _sentences(row, where)[k]
+        box = _xyxy(row.get("bbox"), self.box_format, where)
+        image = row.get("image_path") or (row["image"] if isinstance(row.get("image"), str) else None)
+        if image is None and self.image_pattern is not None:
+            try:
+                image = self.image_pattern.format(**row)
+            except (KeyError, IndexError, ValueError) as e:
+                raise DataError(
+                    f"{where}: image_pattern {self.image_pattern!r} does not fit the row ({e!r})"
+                ) from None
+        image = image or row.get("file_name")
+        if not isinstance(image, str):
+            raise DataError(
+                f"{where}: no image path ('image_path', 'image' or 'file_name'); for rows that name only an "
+                "'image_id', set image_pattern, e.g. 'COCO_train2014_{image_id:012d}.jpg'"
+            )
+        width, height = row.get("width"), row.get("height")
+        if (width is None or height is None) and isinstance(row.get("raw_image_info"), str):
+            try:
+                info = json.loads(row["raw_image_info"])
+                width, height = info.get("width"), info.get("height")
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        if width is None or height is None:
+            width, height = _image_size(self.image_path(image), where)
+        row_id = next((row[f] for f in ("ref_id", "question_id", "id") if row.get(f) is not None), None)
+        return {
+            "id": f"{row_id if row_id is not None else f'{self.file.name}#{r}'}/{k}",
+            "image": image,
+            "width": int(width) if isinstance(width, float) and width.is_integer() else width,
+            "height": int(height) if isinstance(height, float) and height.is_integer() else height,
+            "objects": [{"phrase": phrase, "box": box}],
+        }
 
     def sample(self, i: int, image_token: str) -> Sample:
         record, where = self.record(i)
@@ -508,6 +744,21 @@ def _fit_box(box: Box, width: int, height: int, clip: bool, where: str) -> Box:
     raise DataError(
         f"{where}: box {tuple(box)} {problem} the {width}x{height} image; {fix}", "box_outside_image"
     )
+
+
+def _image_size(path: str, where: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise DataError(
+            f"{where}: image {path} not found (its size is needed for the box)", "missing_file"
+        ) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{where}: image {path} cannot be read ({e})", "undecodable_image") from None
 
 
 def read_llava(

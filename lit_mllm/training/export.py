@@ -208,8 +208,11 @@ _VICUNA_TEMPLATE = """
 {%- macro text(content) -%}
   {%- if content is string -%}{{- content -}}
   {%- else -%}
-    {%- for c in content if c['type'] == 'image' -%}{{- image + '\n' -}}{%- endfor -%}
-    {%- for c in content if c['type'] == 'text' -%}{{- c['text'] -}}{%- endfor -%}
+    {%- for c in content -%}
+      {%- if c['type'] == 'image' -%}{{- image + '\n' -}}
+      {%- elif c['type'] == 'text' -%}{{- c['text'] -}}
+      {%- endif -%}
+    {%- endfor -%}
   {%- endif -%}
 {%- endmacro -%}
 {%- if add_bos and bos_token -%}{{- bos_token -}}{%- endif -%}
@@ -229,8 +232,11 @@ _VICUNA_TEMPLATE = """
 
 def vicuna_chat_template(chat_format: VicunaV1, image_token: str, bos: bool = True) -> str:
     """A Jinja ``chat_template`` rendering like :class:`VicunaV1`. List contents (``{"type": "image"}`` /
-    ``{"type": "text", ...}`` items) put each image as ``image_token`` + newline before the text, LLaVA-1.5's
-    layout. ``bos=False`` leaves the BOS token to a tokenizer that adds it itself."""
+    ``{"type": "text", ...}`` items) are rendered in their order, each image as ``image_token`` + newline and each
+    text as it is: ``[image, text]`` gives LLaVA-1.5's ``<image>\\n`` + question, and ``[image, text, image, text]``
+    keeps each image before its text, as a training record ``<image>\\nA<image>\\nB`` has it (a template that
+    moved every image to the front would give other ids than training). ``bos=False`` leaves the BOS token to a
+    tokenizer that adds it itself."""
     values = {
         "system": chat_format.system,
         "user": chat_format.user,

@@ -9,7 +9,9 @@ Structure, as in Honeybee's ``CAbstractor``: features -> grid ``[B, D, S, S]`` -
 Each residual block follows the RegNet bottleneck Honeybee builds with timm's ``RegStage`` (bottleneck ratio
 1, group size 1, SiLU, channel LayerNorm), written out here without a timm dependency:
 ``1x1 conv -> LN -> SiLU -> 3x3 depthwise conv -> LN -> SiLU -> [squeeze-excitation] -> 1x1 conv -> LN``,
-added to the shortcut (identity, or ``1x1 conv -> LN`` where the width changes), then SiLU.
+added to the shortcut (identity, or ``1x1 conv -> LN`` where the width changes), then SiLU (after the add).
+Every LN has epsilon 1e-5, as timm builds them in Honeybee's blocks; with the same weights the blocks and pooling
+compute what Honeybee's ``RegStage -> AdaptiveAvgPool2d -> RegStage`` does (tested against timm).
 Squeeze-excitation (on by default, as in Honeybee) squeezes to a quarter of the block's input width.
 
 Differences from Honeybee, on purpose: no learned positional embedding before the convolutions (it needs
@@ -31,9 +33,12 @@ from lit_mllm.nn.connectors.mlp import MLPConnector
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a channels-first map: ``[B, C, H, W] -> [B, C, H, W]``."""
+    """LayerNorm over the channels of a channels-first map: ``[B, C, H, W] -> [B, C, H, W]``.
 
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+    Epsilon 1e-5 as in Honeybee's blocks: timm's ``ConvNormAct`` turns the ``LayerNorm2d`` it is given into a
+    ``LayerNormAct2d``, whose epsilon is 1e-5 (not ``LayerNorm2d``'s 1e-6)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__(channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
