@@ -463,8 +463,9 @@ def test_box_convention_is_an_explicit_option(tmp_path):
     (tmp_path / "corners.jsonl").write_text(json.dumps(row))
     kw = {"template": PlainTasks(), "tasks": ["refer"], "format": "rows"}
     assert referred(Grounding("corners.jsonl", box_format="xyxy", **kw).open(tmp_path), 0)[2] == WIDE
-    with pytest.raises(DataError, match="not a box inside the 100x50 image"):  # read as COCO x, y, w, h
+    with pytest.raises(DataError, match="reaches outside the 100x50 image") as e:  # read as COCO x, y, w, h
         Grounding("corners.jsonl", **kw).open(tmp_path).sample(0, TOKEN)
+    assert e.value.reason == "box_outside_image"
     record = {"id": "o", "image": f"coco/train2014/{COCO_NAME}", "width": 100, "height": 50,
               "objects": [{"phrase": "the red square", "box": [10, 5, 20, 20]}]}  # fmt: skip
     (tmp_path / "objects.jsonl").write_text(json.dumps(record))
