@@ -30,6 +30,7 @@ _KEY = re.compile(r'^Parser key "([^"]+)":')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)':")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
 _GROUP = re.compile(r"^Group '([^']+)' does not accept option '([^']+)'")
+_EXPECTED = re.compile(r"^Expected a <class '[^']+'>")
 _SUBCOMMAND = re.compile(r"Subcommand '([^']+)' does not accept option '([^']+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 _NOISE = (  # lines of jsonargparse's union errors that say nothing to act on ("Given value": the whole part)
@@ -108,7 +109,9 @@ def build_error(error: BaseException, args: Sequence[str]) -> ConfigError:
     built, the original message, and where the options it names were set."""
     root = root_cause(error)
     building = _building(root)
-    message = clean(str(root))
+    # jsonargparse chains only the first union member's error: the class's own error for ``Optional[Class]``,
+    # but "Expected a <class 'str'>" for ``Union[str, Strategy]``; then its list of every member's error says more
+    message = clean(str(root)) if building else _union_errors(error)
     head = f"while building {' > '.join(c.__name__ for c in building)}: " if building else ""
     places = []
     for cls in building:
@@ -117,6 +120,13 @@ def build_error(error: BaseException, args: Sequence[str]) -> ConfigError:
                 places += [f"{option} from {p}" for p in _find_option(option, cls.__name__, args)]
     hint = f"\n({'; '.join(dict.fromkeys(places))})" if places else ""
     return ConfigError(f"{head}{message}{hint}")
+
+
+def _union_errors(error: BaseException) -> str:
+    """The errors a jsonargparse union error lists, without the members a value could not be anyway."""
+    lines = [line.strip().removeprefix("- ") for line in clean(str(error)).splitlines() if line.strip()]
+    useful = [line for line in lines if not _EXPECTED.match(line)]
+    return "\n".join(useful or lines)
 
 
 def root_cause(error: BaseException) -> BaseException:
