@@ -91,6 +91,7 @@ def usage() -> str:
             "",
             "`lit-mllm COMMAND --help` explains a command's options. Start with",
             "`lit-mllm fit --config configs/quickstart.yaml`: a tiny model on generated data (CPU, minutes).",
+            f"`lit-mllm {DEBUG_FLAG} COMMAND ...` (or {DEBUG_ENV}=1) shows the stack trace of an error.",
         ]
     )
 

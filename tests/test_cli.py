@@ -196,7 +196,7 @@ def test_typo_in_a_config_file_and_on_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(
         f"lit-mllm fit: config error: trainer.max_epoch is not an option of trainer (from {typo}); "
-        "did you mean trainer.max_epochs?\n"
+        "did you mean max_epochs?\n"
     )
     assert "Traceback" not in err and "usage:" not in err
 
@@ -205,8 +205,8 @@ def test_typo_in_a_config_file_and_on_the_command_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        "lit-mllm fit: config error: data.init_args.batch_sise is not an option of MixtureData (from the flag "
-        "--data.init_args.batch_sise 4); did you mean data.init_args.batch_size?\n"
+        "lit-mllm fit: config error: data.batch_sise is not an option of MixtureData (from the flag "
+        "--data.init_args.batch_sise 4); did you mean batch_size?\n"
         "`--data.help lit_mllm.data.MixtureData` lists MixtureData's options\n"
     )
     assert "Traceback" not in err
@@ -246,7 +246,7 @@ def test_console_script_prints_a_typo_without_a_stack_trace(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith(
         "lit-mllm fit: config error: trainer.max_epohcs is not an option of trainer (from the flag "
-        "--trainer.max_epohcs 3); did you mean trainer.max_epochs?"
+        "--trainer.max_epohcs 3); did you mean max_epochs?"
     )
     assert "Traceback" not in done.stderr
     debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True)

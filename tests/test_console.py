@@ -194,8 +194,7 @@ def test_typo_in_a_config_file_names_the_file_and_the_nearest_keys(tmp_path):
         build_cli(["--config", str(typo), *cli_args(tmp_path / "sw", tmp_path)], run=False)
     message = str(caught.value)
     assert message.startswith(
-        f"model.init_args.vision_tower.init_args.patch_sise is not an option of TinyCLIPVision (from {typo}); "
-        "did you mean model.init_args.vision_tower.init_args.patch_size?"
+        f"model.vision_tower.patch_sise is not an option of TinyCLIPVision (from {typo}); did you mean patch_size?"
     )
     assert "--model.init_args.vision_tower.help lit_mllm.nn.vision.TinyCLIPVision" in message
     assert "Given value" not in message
@@ -325,3 +324,21 @@ def test_learning_rate_curves_are_named_by_part_and_decay_group(shapes_root, tmp
         for part in ("vision_tower", "connector", "language_model")
         for suffix in ("", "/no_decay")
     }
+
+
+def test_checkpoint_hyperparameters_that_do_not_parse_are_a_config_error(tmp_path):
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"hyper_parameters": {"no_such_option": 1}}, ckpt)
+    with pytest.raises(ConfigError) as caught:
+        build_cli(
+            [
+                "validate",
+                "--config",
+                QUICKSTART,
+                *cli_args(tmp_path / "sw", tmp_path),
+                "--ckpt_path",
+                str(ckpt),
+            ]
+        )
+    assert str(caught.value).startswith(f"the model's hyperparameters saved in {ckpt} do not fit")
+    assert "no_such_option" in str(caught.value)

@@ -192,16 +192,15 @@ def _options_around(unknown: UnknownKey, parser: Any, args: Sequence[str]) -> li
 
 def _unknown_key_message(unknown: UnknownKey, parser: Any, args: Sequence[str]) -> str:
     key = unknown.path[-1]
-    dotted = ".".join(unknown.path)
+    dotted = ".".join(p for p in unknown.path if p != "init_args")  # the YAML nesting, as a person writes it
     dests = _options_around(unknown, parser, args)
     n = len(unknown.level)
     level = sorted(
         {d.split(".")[n] for d in dests if d.split(".")[:n] == list(unknown.level) and len(d.split(".")) > n}
     )
-    prefix = ".".join(unknown.path[:-1])
-    close = [f"{prefix}.{c}" if prefix else c for c in nearest(key, level)]
+    close = nearest(key, level)
     if not close:  # the right key at another level (``max_epochs`` at the top instead of under ``trainer``)
-        close = [d for d in dests if d.split(".")[-1] == key and not d.endswith(".help")][:3]
+        close = [d for d in dests if d.split(".")[-1] == key][:3]
     places = where(unknown.path, args)
     owner = unknown.owner.rsplit(".", 1)[-1] if unknown.owner else ".".join(unknown.level) or None
     message = f"{dotted} is not an option" + (f" of {owner}" if owner else "")

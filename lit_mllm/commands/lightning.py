@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_mllm.commands.config_errors import ConfigError, build_error, parse_error, root_cause
+from lit_mllm.commands.config_errors import ConfigError, build_error, clean, parse_error, root_cause
 from lit_mllm.config_stack import stack_configs
 from lit_mllm.data.sample import DataError
 from lit_mllm.lit.base import VLMModule
@@ -66,6 +66,20 @@ class LitMLLMCLI(LightningCLI):
                 self.config = parser.parse_args(args)
         except argparse.ArgumentError as e:
             raise parse_error(e, parser, self.arguments) from e
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (2.6) re-parses the model's hyperparameters saved in --ckpt_path; with exit_on_error=False a
+        # checkpoint whose hyperparameters this parser refuses raises instead of exiting
+        try:
+            super()._parse_ckpt_path()
+        except argparse.ArgumentError as e:
+            subcommand = self.config.get("subcommand")
+            ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+            raise ConfigError(
+                f"the model's hyperparameters saved in {ckpt} do not fit this config's parser: "
+                f"{clean(str(e))}\n(was the checkpoint written by another version or family? give the run's own "
+                "config.yaml with --config)"
+            ) from e
 
     def instantiate_classes(self) -> None:
         try:
