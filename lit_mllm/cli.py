@@ -4,12 +4,20 @@ families, ``lit-mllm --help`` not even torch). ``lit-mllm --help`` lists the tab
 
 A new subcommand is a module in ``lit_mllm/commands/`` with a ``main(args: list[str])`` and a row here. Nothing
 else in ``lit_mllm`` imports this module or the commands.
+
+Errors a person can act on (:data:`PROBLEMS`: a config that does not parse or build, bad data, a checkpoint that
+does not fit or is missing) reach the console as one message, without a stack trace, and a non-zero exit status;
+an error raised in a DataLoader worker is shown as the worker raised it (torch re-raises it with the worker's
+traceback inside its message). ``lit-mllm --debug COMMAND ...`` or ``LIT_MLLM_DEBUG=1`` shows the stack trace.
+Other exceptions (bugs) keep their stack trace. :func:`run` raises them all, for callers in Python.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -83,16 +91,21 @@ def usage() -> str:
             "",
             "`lit-mllm COMMAND --help` explains a command's options. Start with",
             "`lit-mllm fit --config configs/quickstart.yaml`: a tiny model on generated data (CPU, minutes).",
+            f"`lit-mllm {DEBUG_FLAG} COMMAND ...` (or {DEBUG_ENV}=1) shows the stack trace of an error.",
         ]
     )
 
 
 def run(args: list[str] | None = None) -> object:
-    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, a report, or None).
+    """Run a ``lit-mllm`` command and return what it built (the CLI, the describe figures, a report, or None);
+    errors are raised (:func:`main` reports them).
 
     ``args`` None reads the process's command line. ``-h`` / ``--help`` or no argument prints the table; an
-    option before any subcommand goes to LightningCLI's own parser, as it did before the table."""
+    option before any subcommand goes to LightningCLI's own parser, as it did before the table (``--debug``
+    excepted, which only :func:`main` reads)."""
     argv = sys.argv[1:] if args is None else list(args)
+    while argv and argv[0] == DEBUG_FLAG:
+        argv.pop(0)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
@@ -109,13 +122,110 @@ def run(args: list[str] | None = None) -> object:
         raise SystemExit(2)
     main_of = importlib.import_module(command.module).main
     if command.lightning:
-        return main_of(None if args is None else argv)
+        return main_of(argv)
     return main_of(argv[1:])
 
 
+# -- errors a person can act on ------------------------------------------------------------------------------------
+DEBUG_FLAG = "--debug"
+"""Before the subcommand (``lit-mllm --debug fit ...``): errors keep their stack trace."""
+DEBUG_ENV = "LIT_MLLM_DEBUG"
+"""Environment variable that does the same when set to anything but ``""`` or ``0``."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A kind of error :func:`main` reports as a message: the exception class, by module and name (looked up in
+    ``sys.modules`` only: an error of a module that was never imported cannot have been raised)."""
+
+    module: str
+    name: str
+    label: str
+    """What the message starts with (``config error``)."""
+    exit_code: int = 1
+    hint: str = ""
+    """What to do, when the error's message does not say it."""
+
+
+PROBLEMS = (
+    Problem("lit_mllm.commands.config_errors", "ConfigError", "config error", exit_code=2),
+    Problem(
+        "lit_mllm.data.sample",
+        "DataError",
+        "data error",
+        hint="`lit-mllm validate-data --config FILE` checks every record of a config's data",
+    ),
+    Problem("lit_mllm.training.checkpoints", "WeightsMismatch", "checkpoint error"),
+    Problem("lit_mllm.training.checkpoints", "UnsafeCheckpoint", "checkpoint error"),
+    Problem("builtins", "FileNotFoundError", "missing file"),
+)
+
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.DOTALL)
+
+
+def problem_of(error: BaseException) -> Problem | None:
+    """The row of :data:`PROBLEMS` that ``error`` is an instance of; None for any other exception."""
+    for problem in PROBLEMS:
+        cls = getattr(sys.modules.get(problem.module), problem.name, None)
+        if isinstance(cls, type) and isinstance(error, cls):
+            return problem
+    return None
+
+
+def error_message(error: BaseException) -> str:
+    """``error``'s message; for an error re-raised from a DataLoader worker (torch puts the worker's whole traceback
+    in the message), the message the worker's exception had."""
+    text = str(error)
+    if _WORKER.match(text):
+        cls = type(error)
+        marker = (
+            f"{cls.__name__}: " if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}: "
+        )
+        cut = text.rfind(f"\n{marker}")
+        if cut >= 0:
+            return text[cut + 1 + len(marker) :].strip()
+    return text
+
+
+def report(error: BaseException, command: str) -> tuple[str, int] | None:
+    """The console message and exit status for an error a person can act on; None for others (bugs)."""
+    problem = problem_of(error)
+    if problem is None:
+        return None
+    message = error_message(error)
+    if problem.name == "FileNotFoundError" and "checkpoint" in message.lower():
+        hint = "give --ckpt_path a checkpoint that exists (a run keeps its own in <run folder>/checkpoints/)"
+    else:
+        hint = problem.hint
+    lines = [f"lit-mllm {command}: {problem.label}: {message}"]
+    if hint and not _names_command_of(message, hint):
+        lines.append(hint)
+    lines.append(f"(`lit-mllm {DEBUG_FLAG} {command} ...` or {DEBUG_ENV}=1 shows the stack trace)")
+    return "\n".join(lines), problem.exit_code
+
+
+def _names_command_of(message: str, hint: str) -> bool:
+    """Whether ``message`` names the command ``hint`` suggests (its first `lit-mllm NAME`)."""
+    named = re.search(r"`(lit-mllm [\w-]+)", hint)
+    return named is not None and named.group(1) in message
+
+
 def main(args: list[str] | None = None) -> None:
-    """The console script: exits 0 on success (returning an object would make ``sys.exit`` print it and exit 1)."""
-    run(args)
+    """The console script: exits 0 on success (returning an object would make ``sys.exit`` print it and exit 1);
+    an error a person can act on is printed as one message and exits non-zero (2 for a config error), without a
+    stack trace unless asked for (:data:`DEBUG_FLAG`, :data:`DEBUG_ENV`)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    debug = bool(argv) and argv[0] == DEBUG_FLAG or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        run(argv)
+    except Exception as error:
+        rest = [a for a in argv if a != DEBUG_FLAG]
+        command = "fit" if not rest or rest[0].startswith("-") else rest[0]
+        reported = None if debug else report(error, command)
+        if reported is None:
+            raise
+        print(reported[0], file=sys.stderr)
+        raise SystemExit(reported[1]) from None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_mllm.cli import COMMANDS, run
+from lit_mllm.cli import COMMANDS, main, run
 from tests.conftest import cli_args
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
@@ -166,8 +166,8 @@ def test_every_command_module_has_a_main():
 
 
 def test_unknown_class_is_a_clear_error(capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        run(
+    with pytest.raises(SystemExit) as exit_:
+        main(
             [
                 "fit",
                 *small(tmp_path / "sw", tmp_path),
@@ -175,7 +175,83 @@ def test_unknown_class_is_a_clear_error(capsys, tmp_path):
                 "lit_mllm.nn.connectors.NoSuch",
             ]
         )
-    assert "NoSuch" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "lit-mllm fit: config error: model.init_args.connector (from the flag --model.init_args.connector "
+        "lit_mllm.nn.connectors.NoSuch):"
+    )
+    assert "module 'lit_mllm.nn.connectors' has no attribute 'NoSuch'" in err
+    assert "Given value" not in err and "Traceback" not in err
+
+
+def test_typo_in_a_config_file_and_on_the_command_line(tmp_path, capsys):
+    """A mistyped key: the message names the file (or flag) it came from and the nearest valid key; exit 2, no
+    stack trace (``main`` is the ``lit-mllm`` console script)."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(Path(QUICKSTART).read_text().replace("max_epochs: 4", "max_epoch: 4"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(typo), *cli_args(tmp_path / "sw", tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"lit-mllm fit: config error: trainer.max_epoch is not an option of trainer (from {typo}); "
+        "did you mean max_epochs?\n"
+    )
+    assert "Traceback" not in err and "usage:" not in err
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *small(tmp_path / "sw", tmp_path), "--data.init_args.batch_sise", "4"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "lit-mllm fit: config error: data.batch_sise is not an option of MixtureData (from the flag "
+        "--data.init_args.batch_sise 4); did you mean batch_size?\n"
+        "`--data.help lit_mllm.data.MixtureData` lists MixtureData's options\n"
+    )
+    assert "Traceback" not in err
+
+
+def test_missing_data_file_is_one_message(tmp_path, shapes_root, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("val.json", "test.json", "shapesworld.json"):
+        (root / name).write_text((shapes_root / name).read_text())
+    (root / "images").symlink_to(shapes_root / "images")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *small(root, tmp_path), "--trainer.fast_dev_run", "1"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lit-mllm fit: data error: {root / 'train.json'}: no such file")
+    assert "Traceback" not in err and "lit-mllm --debug fit" in err
+
+
+@pytest.mark.slow
+def test_console_script_prints_a_typo_without_a_stack_trace(tmp_path):
+    """The same as a shell command (``python -m lit_mllm``), with and without ``--debug`` (two interpreters
+    starting: ~10 s each on a busy machine, hence slow)."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "lit_mllm",
+        "fit",
+        *small(tmp_path / "sw", tmp_path),
+        "--trainer.max_epohcs",
+        "3",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "lit-mllm fit: config error: trainer.max_epohcs is not an option of trainer (from the flag "
+        "--trainer.max_epohcs 3); did you mean max_epochs?"
+    )
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "ConfigError: trainer.max_epohcs is not an option of trainer" in debug.stderr
 
 
 def test_describe_reports_tokens_and_connector_flops(tmp_path, capsys):

@@ -15,17 +15,28 @@ reaches a rank other than 0 only (one node of several preempted). Lightning rest
 parts (the tower's :attr:`~lit_mllm.nn.vision.base.VisionTower.blocks`, the LLM's decoder layers), the vision
 tower and the connector become FSDP units of their own; the LLM's embeddings, final norm and head stay in the
 root. A stage freezes whole parts or whole blocks, so every unit's parameters are all trainable or all frozen.
+
+The console's progress display (:func:`console_progress_bar`, which the CLI adds unless the config names a
+progress bar): on a terminal, Lightning's tqdm bar without ``v_num`` (:class:`TerminalProgressBar`; Lightning's
+default Rich bar wraps its metrics column at every space on an 80-column console); elsewhere (a log file, a SLURM
+job's output) :class:`ProgressLines`, one plain line every N steps with the step, the training metrics, samples/s
+and the time left, and one line per validation.
 """
 
 from __future__ import annotations
 
+import math
 import signal
+import sys
 import threading
+import time
+from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -171,3 +182,120 @@ class PartBlocks(ModuleWrapPolicy):
         if recurse:
             return True
         return isinstance(module, tuple(self._module_classes)) or any(module is p for p in self._parts)
+
+
+# -- the console's progress display ------------------------------------------------------------------------------
+def console_progress_bar(every_n_steps: int | None = None) -> ProgressBar:
+    """The progress display for this process's standard output: :class:`TerminalProgressBar` on a terminal,
+    :class:`ProgressLines` (every ``every_n_steps`` steps) when it is a file or a pipe."""
+    return TerminalProgressBar() if sys.stdout.isatty() else ProgressLines(every_n_steps)
+
+
+class TerminalProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without the logger's version number (``v_num``) among its metrics; tqdm keeps the
+    metrics on the bar's line (shortening the bar to fit the terminal)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+class ProgressLines(ProgressBar):
+    """Plain progress lines on standard output, for output that is not a terminal (there a progress bar is a
+    stream of carriage returns, or nothing):
+
+        step 40/500 (epoch 0) | train/loss 0.912 | 85.3 samples/s | ETA 0:03:10
+        validation at step 62 | val/loss 0.416 | val/accuracy 0.490
+        training ended at step 500 after 0:05:12
+
+    A step line every ``every_n_steps`` optimizer steps with the progress bar's training metrics (those not named
+    ``val/...`` or ``test/...``), the samples per second since the previous line (this rank's count times the
+    number of ranks) and the time left at the run's average step time; a line after each validation with its
+    metrics; one when training ends. Only global rank 0 prints."""
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        """
+        Args:
+            every_n_steps: Optimizer steps between two lines; default the trainer's ``log_every_n_steps``.
+        """
+        super().__init__()
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start = self._since = 0.0
+        self._start_step = self._last_step = 0
+        self._samples = 0
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._since = time.monotonic()
+        # a resumed run starts at its checkpoint's step
+        self._start_step = self._last_step = trainer.global_step
+        self._samples = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._samples += _batch_size(batch)
+        step = trainer.global_step
+        every = self.every_n_steps or trainer.log_every_n_steps or 50
+        if not self._enabled or step == self._last_step or step % every:
+            return
+        now = time.monotonic()
+        total = trainer.estimated_stepping_batches
+        head = f"step {step}/{int(total)}" if math.isfinite(total) else f"step {step}"
+        fields = [f"{head} (epoch {trainer.current_epoch})"]
+        fields += [
+            _show(k, v) for k, v in self._metrics(trainer, pl_module) if not k.startswith(("val/", "test/"))
+        ]
+        if self._samples and now > self._since:
+            fields.append(f"{self._samples * trainer.world_size / (now - self._since):.1f} samples/s")
+        if math.isfinite(total) and step > self._start_step:
+            left = (total - step) * (now - self._start) / (step - self._start_step)
+            fields.append(f"ETA {timedelta(seconds=round(max(left, 0.0)))}")
+        self.print(" | ".join(fields), flush=True)
+        self._last_step, self._since, self._samples = step, now, 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled or trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # validate/test runs end with Lightning's own table of metrics
+        shown = [_show(k, v) for k, v in self._metrics(trainer, pl_module) if k.startswith("val/")]
+        self.print(" | ".join([f"validation at step {trainer.global_step}", *shown]), flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled:
+            took = timedelta(seconds=round(time.monotonic() - self._start))
+            self.print(f"training ended at step {trainer.global_step} after {took}", flush=True)
+
+    def _metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[str, Any]]:
+        return [(k, v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"]
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: ``len`` of a batch object (our :class:`~lit_mllm.data.Batch`), the first dimension of a
+    tensor; 0 (not counted) for anything else."""
+    if hasattr(batch, "shape") and len(batch.shape):
+        return int(batch.shape[0])
+    if hasattr(batch, "__len__") and not isinstance(batch, (Mapping, list, tuple, str)):
+        return len(batch)
+    return 0
+
+
+def _show(name: str, value: Any) -> str:
+    """``name value``: three decimals (``0.000`` too), or three significant digits below 0.001 and from 10,000."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if not isinstance(value, float):
+        return f"{name} {value}"
+    return f"{name} {value:.3f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{name} {value:.3g}"

@@ -505,14 +505,18 @@ def trainable_names(module: nn.Module, trains: bool = True) -> set[str]:
 def param_groups(parts: Parts, stage: Stage) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters: one per (owning part, decay) pair, with the owner's
     name (``part``) and ``lr_scale``; norms, biases and embeddings get ``weight_decay=0``, the others the optimizer's
-    configured weight decay. Every trainable parameter is in exactly one group; shared parameters once."""
+    configured weight decay. Every trainable parameter is in exactly one group; shared parameters once.
+
+    Each group also has a ``name``, ``<part>`` or ``<part>/no_decay``, which Lightning's ``LearningRateMonitor``
+    reads to name its curves (``lr-AdamW/connector``, ``lr-AdamW/connector/no_decay``; else ``pg1``, ``pg2``...)."""
     groups: dict[tuple[str, bool], dict] = {}
     for param, holder, owner in Ownership(parts, stage).params.values():
         if not param.requires_grad:
             continue
         decay = param.ndim >= 2 and not isinstance(holder, nn.Embedding)
+        name = owner.name if decay else f"{owner.name}/no_decay"
         group = groups.setdefault(
-            (owner.name, decay), {"params": [], "part": owner.name, "lr_scale": owner.lr_scale}
+            (owner.name, decay), {"params": [], "part": owner.name, "name": name, "lr_scale": owner.lr_scale}
         )
         if not decay:
             group["weight_decay"] = 0.0
