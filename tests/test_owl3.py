@@ -232,3 +232,18 @@ def test_memory_estimate_and_llava_export_say_they_do_not_support_the_family():
         estimate_memory(model, batch_size=2, seq_len=40)
     with pytest.raises(UnsupportedExport, match="MPLUGOwl3VLM is not a PrefixFusionVLM"):
         check_llava_exportable(model)
+
+
+def test_real_preset_wraps_layers_1_9_17_25_of_a_qwen2_and_describes(tiny_hub, tmp_path):
+    """configs/model/real/owl3.yaml with its hub names pointed at tiny stand-ins (a 28-layer Qwen2, SigLIP)."""
+    from pathlib import Path
+
+    from tests.stand_ins import with_stand_ins
+
+    local = with_stand_ins(Path("configs/model/real/owl3.yaml"), tiny_hub, tmp_path)
+    facts = run(["describe", "--config", "configs/quickstart.yaml", "--config", str(local)])
+    assert facts["image_tokens"] == 1 and facts["media_tokens"] == 729 and facts["hyper_layers"] == 4
+    assert facts["params_trainable/hyper_attention"] == facts["params/hyper_attention"] > 0
+    assert (
+        facts["params_trainable/language_model"] == 0
+    )  # the LLM's own weights (the nested part counted apart)
