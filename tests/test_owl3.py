@@ -247,3 +247,45 @@ def test_real_preset_wraps_layers_1_9_17_25_of_a_qwen2_and_describes(tiny_hub, t
     assert (
         facts["params_trainable/language_model"] == 0
     )  # the LLM's own weights (the nested part counted apart)
+
+
+def test_each_row_of_a_left_padded_prompt_batch_generates_what_it_generates_alone(shapes_root, tmp_path):
+    """Left padding shifts no rotary position: queries and image keys count real tokens in every row."""
+    model = tiny_owl3().eval()
+    source = two_image_conversations(shapes_root, tmp_path)
+    batch = batch_of(model, source, [0, 1, 2], for_generation=True)
+    assert batch.images_per_row == [1, 2, 3] and (batch.attention_mask == 0).any()
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+    def generate(prompt):
+        inputs = model.inputs(prompt)
+        return model.language_model.generate(
+            inputs.embeds, prompt.attention_mask, inputs.layer_inputs, **options
+        )
+
+    with torch.no_grad():
+        together = generate(batch)
+        for row in range(3):
+            assert torch.equal(together[row : row + 1], generate(batch_of(model, source, [row], True))), row
+
+
+# -- DDP -----------------------------------------------------------------------------------------------------------
+def test_two_rank_ddp_with_a_text_only_rank_does_not_hang(shapes_root, tmp_path):
+    """Rank 0 sees only text-only batches, rank 1 only images; the default stage (connector + hyper-attention)
+    trains. Both ranks finish with equal parameters, and the trained ones moved."""
+    import json
+
+    from tests.test_distributed import ddp_fit
+
+    model = tiny_owl3()
+    model.optimizer = partial(torch.optim.SGD, lr=0.5)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ddp_fit(model, shapes_root, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["images"] == [False, False] and ranks[1]["images"] == [True, True]
+    p0, p1 = (torch.load(tmp_path / f"params{r}.pt", weights_only=True) for r in range(2))
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    moved = {n for n in p0 if not torch.equal(p0[n], initial[n])}
+    assert any(".hyper_attention." in n for n in moved) and any(n.startswith("connector.") for n in moved)
+    assert all(n.startswith("connector.") or ".hyper_attention." in n for n in moved)
