@@ -21,6 +21,7 @@ HF_STAND_INS = {
     "facebook/opt-2.7b": "opt",
     "Qwen/Qwen-7B": "qwen2",
     "Qwen/Qwen1.5-7B": "qwen2",
+    "Qwen/Qwen2-7B-Instruct": "qwen2_28",  # Qwen2-7B's 28 layers (mPLUG-Owl3 wraps layers 1, 9, 17, 25)
     "01-ai/Yi-1.5-9B-Chat": "llama",
     "meta-llama/Llama-2-7b-hf": "llama",
     "huggyllama/llama-7b": "llama",
@@ -134,6 +135,9 @@ def build_tiny_hub(root: Path) -> Path:
     llms = {
         "llama": LlamaForCausalLM(LlamaConfig(intermediate_size=64, num_key_value_heads=2, **lm)),
         "qwen2": Qwen2ForCausalLM(Qwen2Config(intermediate_size=64, num_key_value_heads=2, **lm)),
+        "qwen2_28": Qwen2ForCausalLM(
+            Qwen2Config(intermediate_size=64, num_key_value_heads=2, **{**lm, "num_hidden_layers": 28})
+        ),
         "opt": OPTForCausalLM(OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **lm)),
     }
     for name, model in llms.items():

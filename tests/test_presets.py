@@ -57,6 +57,7 @@ TINY_TOKENS = {
     "prismatic": 64,
     "cogvlm": 64,
     "flamingo": 1,  # one <image> marker per image; its 16 visual tokens reach the LLM through cross-attention
+    "owl3": 1,  # one <image> marker per image; its 64 visual tokens reach the LLM through hyper-attention
 }
 REAL_TOKENS = {
     "prefix": 576,  # LLaVA-1.5-7B: CLIP-L/336
@@ -72,6 +73,7 @@ REAL_TOKENS = {
     "prismatic": 729,  # 378 px / 14 px patches: 27 x 27, concatenated channels keep the count
     "cogvlm": 1225,  # CogVLM-17B: EVA2-CLIP-E at 490 px / 14 px patches: 35 x 35
     "flamingo": 1,  # OpenFlamingo-9B: a marker per image, 64 latents through cross-attention
+    "owl3": 1,  # mPLUG-Owl3-7B: a marker per image, 729 SigLIP features through hyper-attention
 }
 
 

@@ -3,6 +3,7 @@
 from lit_mllm.lit.base import LanguageInputs, NoSupervisedTokens, VLMModule, lm_loss
 from lit_mllm.lit.cogvlm import CogVLM
 from lit_mllm.lit.flamingo import FlamingoVLM
+from lit_mllm.lit.owl3 import MPLUGOwl3VLM
 from lit_mllm.lit.prefix import PrefixFusionVLM
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "PrefixFusionVLM",
     "CogVLM",
     "FlamingoVLM",
+    "MPLUGOwl3VLM",
 ]

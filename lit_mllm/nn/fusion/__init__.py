@@ -6,6 +6,7 @@ from lit_mllm.nn.fusion.gated_xattn import (
     MediaInputs,
     media_mask,
 )
+from lit_mllm.nn.fusion.hyper_attention import HyperAttention, HyperAttentionInputs, HyperAttentionLayer
 from lit_mllm.nn.fusion.prefix import ImageTokenMismatch, splice_image_features
 from lit_mllm.nn.fusion.visual_expert import ExpertInputs, TokenRouted, VisualExpertLayer
 
@@ -19,4 +20,7 @@ __all__ = [
     "GatedCrossAttentionLayer",
     "MediaInputs",
     "media_mask",
+    "HyperAttention",
+    "HyperAttentionInputs",
+    "HyperAttentionLayer",
 ]
