@@ -20,7 +20,7 @@ With ``num_multi_train`` / ``num_multi_val`` / ``num_multi_test`` set, questions
 are asked over 2-4 of a split's images (``images_per_question``), in LLaVA's multi-image format
 (``multi_{split}.json``: ``image`` a list, ``Image 1: <image>\nImage 2: <image>\n`` before the question) and as
 OBELICS-style documents (``multi_interleaved_{split}.jsonl``): do both images contain X (yes/no), which image
-has the most shapes, which image shows X (an image number), how many shapes of a colour all the images show.
+has the most shapes, which image shows X (an image number), how many shapes all the images show together.
 
 Question kinds: colour ("What color is the circle?"), shape ("What shape is the red object?"), count
 ("How many shapes are there?"), position ("Where is the blue square?" -> "top left"), existence

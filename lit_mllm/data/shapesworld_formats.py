@@ -14,6 +14,10 @@ Per split (``train``, ``val``, ``test``), each chosen by :attr:`ShapesWorld.extr
                                        drawn, x2/y2 exclusive (PIL's ``getbbox``; columns x1..x2-1), phrases
                                        unambiguous within their image
 
+and, when :attr:`ShapesWorld.num_multi_train` (``_val``, ``_test``) is set, questions over several of a split's
+images (:func:`multi_question`) as ``multi_{split}.json`` (LLaVA multi-image conversations) and
+``multi_interleaved_{split}.jsonl`` (the same as OBELICS-style documents).
+
 Each writer draws from its own random stream (``{seed}/{split}/{kind}``), so choosing or dropping one never
 changes another, and tar members carry fixed metadata (mtime 0, uid/gid 0), so the same settings give the
 same bytes.
@@ -336,22 +340,20 @@ def write_grounding(
 MULTI_KINDS = ("both", "more", "find", "count")
 """Multi-image question kinds: ``both`` (do both of two images contain X? yes/no, X in exactly one of them when
 "no"), ``more`` (which image has the most shapes? one image has strictly more than every other), ``find`` (which
-image shows X? X in exactly one), ``count`` (how many shapes of a colour in all the images together?)."""
-
-
-def _holders(images: Images) -> dict[tuple[str, str], list[int]]:
-    """(colour, shape) -> indices into ``images`` of the scenes that contain it."""
-    out: dict[tuple[str, str], list[int]] = {}
-    for j, (_, scene) in enumerate(images):
-        for pair in sorted({(t.colour, t.shape) for t in scene.things}):
-            out.setdefault(pair, []).append(j)
-    return out
+image shows X? X in exactly one), ``count`` (how many shapes in all the images together?)."""
 
 
 def _others(images: Images, exclude: set[int], k: int, ok: Callable[[Scene], bool], rng: random.Random):
-    """``k`` distinct image indices outside ``exclude`` whose scenes pass ``ok``, or None when too few do."""
-    pool = [j for j, (_, s) in enumerate(images) if j not in exclude and ok(s)]
-    return rng.sample(pool, k) if len(pool) >= k else None
+    """``k`` distinct image indices outside ``exclude`` whose scenes pass ``ok`` (drawn by rejection, at most
+    ``64 * k`` draws), or None when not found."""
+    found: list[int] = []
+    for _ in range(64 * k):
+        j = rng.randrange(len(images))
+        if j not in exclude and j not in found and ok(images[j][1]):
+            found.append(j)
+            if len(found) == k:
+                return found
+    return None
 
 
 def multi_question(
@@ -366,11 +368,8 @@ def multi_question(
     if n < 2 or len(images) < n:
         return None
     if kind in ("both", "find"):
-        colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES])
-        holders = _holders(images).get((colour, shape), [])
-        if not holders:
-            return None
-        first = rng.choice(holders)
+        first = rng.randrange(len(images))
+        colour, shape = rng.choice(sorted({(t.colour, t.shape) for t in images[first][1].things}))
         has = lambda s: any((t.colour, t.shape) == (colour, shape) for t in s.things)  # noqa: E731
         yes = kind == "both" and rng.random() < 0.5
         rest = _others(images, {first}, n - 1, has if yes else (lambda s: not has(s)), rng)
@@ -392,9 +391,8 @@ def multi_question(
         picked = rest[:place] + [first] + rest[place:]
         return picked, "Which image has the most shapes? Answer with the image number.", str(place + 1)
     picked = rng.sample(range(len(images)), n)
-    colour = rng.choice(sorted({t.colour for j in picked for t in images[j][1].things}))
-    total = sum(t.colour == colour for j in picked for t in images[j][1].things)
-    return picked, f"How many {colour} shapes are there in all the images? Answer with a number.", str(total)
+    total = sum(len(images[j][1].things) for j in picked)
+    return picked, "How many shapes are there in all the images together? Answer with a number.", str(total)
 
 
 def multi_records(world: ShapesWorld, split: str, images: Images, count: int) -> list[tuple[list[str], str, str]]:
