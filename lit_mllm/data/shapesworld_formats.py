@@ -395,7 +395,9 @@ def multi_question(
     return picked, "How many shapes are there in all the images together? Answer with a number.", str(total)
 
 
-def multi_records(world: ShapesWorld, split: str, images: Images, count: int) -> list[tuple[list[str], str, str]]:
+def multi_records(
+    world: ShapesWorld, split: str, images: Images, count: int
+) -> list[tuple[list[str], str, str]]:
     """``count`` multi-image questions over a split's images, kinds in turn (so equally many of each): (image
     paths, question, answer) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
     rng, out = random.Random(f"{world.seed}/{split}/multi_image"), []
