@@ -364,9 +364,9 @@ def multi_question(
     answers count from 1; where the answer is an image, its place is drawn uniformly, so no number is favoured.
     """
     lo, hi = world.images_per_question
-    n = 2 if kind == "both" else rng.randint(lo, min(hi, len(images)))
-    if n < 2 or len(images) < n:
+    if len(images) < (2 if kind == "both" else lo):
         return None
+    n = 2 if kind == "both" else rng.randint(lo, min(hi, len(images)))
     if kind in ("both", "find"):
         first = rng.randrange(len(images))
         colour, shape = rng.choice(sorted({(t.colour, t.shape) for t in images[first][1].things}))
@@ -403,15 +403,17 @@ def multi_records(
     rng, out = random.Random(f"{world.seed}/{split}/multi_image"), []
     tries = 0
     while len(out) < count:
-        made = multi_question(world, images, MULTI_KINDS[len(out) % len(MULTI_KINDS)], rng)
+        kind = MULTI_KINDS[len(out) % len(MULTI_KINDS)]
+        made = multi_question(world, images, kind, rng)
         tries += 1
         if made is not None:
             picked, question, answer = made
             out.append(([images[j][0] for j in picked], question, answer))
         elif tries > 100 * (count + 10):
             raise ValueError(
-                f"cannot draw {count} multi-image questions from the {len(images)} {split} images: give the split "
-                "more images (or fewer multi-image records)"
+                f"cannot draw {count} multi-image questions from the {len(images)} {split} images: no {kind!r} "
+                f"question found (it needs at least {world.images_per_question[0]} images that differ: "
+                "give the split more images, allow more objects, or ask fewer multi-image questions)"
             )
     return out
 
