@@ -612,10 +612,16 @@ def test_multi_image_interleaved_documents_ask_the_same_questions(multi_root):
         for d, (paths, question, answer) in zip(docs, multi_rows(multi_root, split)):
             n = len(paths)
             assert d["images"] == [x for p in paths for x in (None, p)] + [None, None]
-            assert d["texts"] == [x for k in range(1, n + 1) for x in (f"Image {k}:", None)] + [
-                question,
-                answer,
-            ]
+            titles = [x for k in range(1, n + 1) for x in (f"Image {k}:", None)]
+            assert d["texts"] == titles + [question, answer]
+    from lit_mllm.data import Interleaved
+
+    source = Interleaved("multi_interleaved_val.jsonl", style="plain").open(multi_root)
+    sample = source.sample(0, "<image>")
+    paths, question, answer = multi_rows(multi_root, "val")[0]
+    assert [Path(p) for p in sample.images] == [multi_root / p for p in paths]
+    text = sample.text  # a document: every token learned
+    assert text.count("<image>") == len(paths) and text.rstrip().endswith(f"{question}\n{answer}")
 
 
 def test_multi_image_files_leave_the_others_alone_and_are_deterministic(tmp_path, multi_root):
