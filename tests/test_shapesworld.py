@@ -514,3 +514,169 @@ def test_cli_writes_with_the_new_options(tmp_path):
     assert len(list((tmp_path / "sw" / "images").glob("*.png"))) == 7
     with pytest.raises(SystemExit):
         run(["data", "shapesworld", "--out", str(tmp_path / "x"), "--generator.extras", "[captions]"])
+
+
+# -- multi-image questions -------------------------------------------------------------------------------------
+MULTI = dict(
+    image_size=32, num_train=24, num_val=12, num_test=6, min_object_px=4, extras=(), num_multi_train=120,
+    num_multi_val=40, num_multi_test=8, seed=7,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def multi_root(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("multi") / "sw"
+    ShapesWorld(**MULTI).write(path)
+    return path
+
+
+def scene_objects(root: Path, split: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Image path -> (size, colour, shape, cell) of its objects, read from the LLaVA caption records."""
+    rows = json.loads((root / f"captions_{split}.json").read_text())
+    return {r["image"]: caption_objects(r["conversations"][1]["value"], 2) for r in rows}
+
+
+def reference_answer(question: str, shown: list[list[tuple[str, str, str, str]]]) -> str:
+    """The answer to a multi-image question, worked out here from the objects of the images shown, in order."""
+    kinds = [{(colour, shape) for _, colour, shape, _ in objects} for objects in shown]
+    counts = [len(objects) for objects in shown]
+    if m := re.fullmatch(r"Do both images contain an? (\w+) (\w+)\? Answer yes or no\.", question):
+        assert len(shown) == 2
+        return "yes" if all((m[1], m[2]) in k for k in kinds) else "no"
+    if m := re.fullmatch(r"Which image shows an? (\w+) (\w+)\? Answer with the image number\.", question):
+        holders = [k for k, pairs in enumerate(kinds, 1) if (m[1], m[2]) in pairs]
+        assert len(holders) == 1, f"{question} is shown by images {holders}: the answer must be unique"
+        return str(holders[0])
+    if question == "Which image has the most shapes? Answer with the image number.":
+        best = [k for k, c in enumerate(counts, 1) if c == max(counts)]
+        assert len(best) == 1, f"images {best} tie for the most shapes: the answer must be unique"
+        return str(best[0])
+    assert question == "How many shapes are there in all the images together? Answer with a number.", question
+    return str(sum(counts))
+
+
+def multi_rows(root: Path, split: str) -> list[tuple[list[str], str, str]]:
+    rows = []
+    for r in json.loads((root / f"multi_{split}.json").read_text()):
+        (human, gpt) = r["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        n = len(r["image"])
+        prefix = "".join(f"Image {k}: <image>\n" for k in range(1, n + 1))
+        assert human["value"].startswith(prefix) and human["value"].count("<image>") == n
+        rows.append((r["image"], human["value"][len(prefix) :], gpt["value"]))
+    return rows
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_multi_image_answers_are_true(multi_root, split):
+    objects = scene_objects(multi_root, split)
+    rows = multi_rows(multi_root, split)
+    assert len(rows) == MULTI[f"num_multi_{split}"]
+    for paths, question, answer in rows:
+        assert 2 <= len(paths) <= 4 and len(set(paths)) == len(paths)
+        assert all(p.startswith(f"images/{split}_") and (multi_root / p).is_file() for p in paths)
+        assert answer == reference_answer(question, [objects[p] for p in paths]), (paths, question)
+
+
+def test_one_image_cannot_answer_multi_image_questions(multi_root):
+    """Permuting the images permutes an image-number answer; a "no" to "both" has X in exactly one of the two
+    images, so neither image alone decides; no answer is a fixed value of the question text."""
+    objects = scene_objects(multi_root, "train")
+    rows = multi_rows(multi_root, "train")
+    kinds: dict[str, list[str]] = {}
+    for paths, question, answer in rows:
+        kinds.setdefault(" ".join(question.split()[:3]), []).append(answer)
+        shown = [objects[p] for p in paths]
+        if question.startswith("Which image"):
+            for perm in ([1, 0, *range(2, len(paths))], list(range(len(paths)))[::-1]):
+                moved = reference_answer(question, [shown[j] for j in perm])
+                assert moved == str(perm.index(int(answer) - 1) + 1)
+        if question.startswith("Do both") and answer == "no":
+            m = re.search(r"an? (\w+) (\w+)\?", question)
+            assert sorted(any((c, s) == (m[1], m[2]) for _, c, s, _ in o) for o in shown) == [False, True]
+    assert sorted(kinds) == ["Do both images", "How many shapes", "Which image has", "Which image shows"]
+    for answers in kinds.values():  # kinds in turn, and no answer dominates its kind
+        assert len(answers) == len(rows) // 4
+        assert max(answers.count(a) for a in answers) <= 0.65 * len(answers)
+    assert 0.35 <= kinds["Do both images"].count("yes") / len(kinds["Do both images"]) <= 0.65
+    for k in ("Which image has", "Which image shows"):
+        assert {"1", "2", "3"} <= set(kinds[k])  # the answer image stands anywhere
+
+
+def test_multi_image_interleaved_documents_ask_the_same_questions(multi_root):
+    for split in SPLITS:
+        docs = jsonl(multi_root / f"multi_interleaved_{split}.jsonl")
+        records = json.loads((multi_root / f"multi_{split}.json").read_text())
+        assert [d["id"] for d in docs] == [r["id"] for r in records]
+        assert len({d["id"] for d in docs}) == len(docs)
+        for d, (paths, question, answer) in zip(docs, multi_rows(multi_root, split)):
+            n = len(paths)
+            assert d["images"] == [x for p in paths for x in (None, p)] + [None, None]
+            titles = [x for k in range(1, n + 1) for x in (f"Image {k}:", None)]
+            assert d["texts"] == titles + [question, answer]
+    from lit_mllm.data import Interleaved
+
+    source = Interleaved("multi_interleaved_val.jsonl", style="plain").open(multi_root)
+    sample = source.sample(0, "<image>")
+    paths, question, answer = multi_rows(multi_root, "val")[0]
+    assert [Path(p) for p in sample.images] == [multi_root / p for p in paths]
+    text = sample.text  # a document: every token learned
+    assert text.count("<image>") == len(paths) and text.rstrip().endswith(f"{question}\n{answer}")
+
+
+def test_multi_image_files_leave_the_others_alone_and_are_deterministic(tmp_path, multi_root):
+    multi = dict(num_multi_train=10, num_multi_val=4, num_multi_test=2)
+    ShapesWorld(**SMALL, **multi).write(tmp_path / "a")
+    check_published(tmp_path / "a", "small")  # LLaVA files and images as without multi-image questions
+    ShapesWorld(**SMALL, **multi).write(tmp_path / "b")
+    a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
+    assert a == b
+    news = {f"multi_{s}.json" for s in SPLITS} | {f"multi_interleaved_{s}.jsonl" for s in SPLITS}
+    assert news <= set(a) and news <= set(json.loads(a["shapesworld.json"])["files"])
+    ShapesWorld(**SMALL, **multi, extras=()).write(tmp_path / "c")
+    assert all(tree(tmp_path / "c")[k] == a[k] for k in news)  # own stream: the extras do not move it
+    ShapesWorld(**{**SMALL, "seed": 1}, **multi).write(tmp_path / "d")
+    assert tree(tmp_path / "d")["multi_train.json"] != a["multi_train.json"]
+    assert not any(p.name.startswith("multi") for p in multi_root.parent.glob("*"))
+    with pytest.raises(ValueError, match="images_per_question"):
+        ShapesWorld(images_per_question=(1, 3))
+    with pytest.raises(ValueError, match="more images"):
+        ShapesWorld(**{**SMALL, "num_val": 1}, num_multi_val=3).write(tmp_path / "e")
+
+
+def test_multi_image_data_config_trains_a_tiny_prefix_model(multi_root, tmp_path):
+    from lit_mllm.commands.lightning import build_cli
+    from lit_mllm.eval.baselines import answer_baselines
+    from tests.conftest import cli_args
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = [
+        "--config",
+        str(configs / "quickstart.yaml"),
+        "--data",
+        str(configs / "data" / "shapesworld_multi_image.yaml"),
+    ]
+    args += [
+        *cli_args(multi_root, tmp_path, batch_size=6),
+        "--model.init_args.vision_tower.init_args.image_size",
+        "32",
+    ]
+    args += [
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
+    cli = build_cli(args, run=False)
+    assert {n: s.weight for n, s in cli.datamodule.splits["fit"].items()} == {"instruct": 50, "multi": 50}
+    assert set(cli.datamodule.splits["validate"]) == {"multi"}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3 and cli.trainer.callback_metrics["train/loss"].isfinite()
+    train = cli.datamodule.samples("fit")
+    assert sum(len(s.images) > 1 for s in train) == MULTI["num_multi_train"]
+    scores = answer_baselines(train, cli.datamodule.samples("validate"))
+    val = cli.datamodule.samples("validate")
+    assert len(val) == MULTI["num_multi_val"] and all(len(s.images) >= 2 for s in val)
+    assert 0 < scores["majority"] < 0.5 and scores["blind"] < 0.7

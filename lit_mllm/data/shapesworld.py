@@ -16,6 +16,12 @@ img2dataset caption shards and JSONL/CSV caption manifests, OBELICS-style interl
 corpus and RefCOCO-style grounding records. The extras never change the LLaVA files or the images: with the
 default settings those are byte for byte what they have always been.
 
+With ``num_multi_train`` / ``num_multi_val`` / ``num_multi_test`` set, questions that no single image answers
+are asked over 2-4 of a split's images (``images_per_question``), in LLaVA's multi-image format
+(``multi_{split}.json``: ``image`` a list, ``Image 1: <image>\nImage 2: <image>\n`` before the question) and as
+OBELICS-style documents (``multi_interleaved_{split}.jsonl``): do both images contain X (yes/no), which image
+has the most shapes, which image shows X (an image number), how many shapes all the images show together.
+
 Question kinds: colour ("What color is the circle?"), shape ("What shape is the red object?"), count
 ("How many shapes are there?"), position ("Where is the blue square?" -> "top left"), existence
 ("Is there a green triangle?" -> "yes"/"no", balanced) and, with ``text_px`` set, text ("What word is
@@ -139,6 +145,17 @@ class ShapesWorld:
     """Interleaved documents per image of a split (each shows 2-4 of the split's images)."""
     texts_per_image: float = 1.0
     """Text-only documents per image of a split."""
+    num_multi_train: int = 0
+    """Multi-image questions over the training images (``multi_train.json`` and
+    ``multi_interleaved_train.jsonl``; see :func:`~lit_mllm.data.shapesworld_formats.multi_question`). 0: none
+    (the files are not written)."""
+    num_multi_val: int = 0
+    """Multi-image questions over the validation images (``multi_val.json``, ``multi_interleaved_val.jsonl``)."""
+    num_multi_test: int = 0
+    """Multi-image questions over the test images (``multi_test.json``, ``multi_interleaved_test.jsonl``)."""
+    images_per_question: tuple[int, int] = (2, 4)
+    """Fewest and most images a multi-image question shows (both ends included; "Do both images ..." always
+    shows two)."""
 
     def __post_init__(self) -> None:
         if self.grid not in (2, 3):
@@ -176,6 +193,13 @@ class ShapesWorld:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.documents_per_image < 0 or self.texts_per_image < 0:
             raise ValueError("documents_per_image and texts_per_image must be >= 0")
+        if min(self.num_multi_train, self.num_multi_val, self.num_multi_test) < 0:
+            raise ValueError("num_multi_train, num_multi_val and num_multi_test must be >= 0")
+        lo, hi = self.images_per_question
+        if not 2 <= lo <= hi <= 9:
+            raise ValueError(
+                f"images_per_question must be (low, high) with 2 <= low <= high <= 9, got {self.images_per_question}"
+            )
 
     def _check_text(self) -> None:
         if not 3 <= self.text_px <= self.cell_px - 2:
@@ -309,7 +333,7 @@ class ShapesWorld:
     def write(self, root: Path) -> None:
         from tqdm.auto import tqdm
 
-        from lit_mllm.data.shapesworld_formats import write_extras
+        from lit_mllm.data.shapesworld_formats import write_extras, write_multi_image
 
         root = Path(root)
         if root.exists():
@@ -362,6 +386,10 @@ class ShapesWorld:
                     (tmp / f"captions_{split}.json").write_text(json.dumps(captions, indent=1))
                     files.append(f"captions_{split}.json")
         files += write_extras(self, tmp, scenes)
+        multi = {"train": self.num_multi_train, "val": self.num_multi_val, "test": self.num_multi_test}
+        for split, count in multi.items():
+            if count:
+                files += write_multi_image(self, tmp, split, scenes[split], count)
         meta = {"generator": asdict(self), "images": sum(splits.values()), "files": files}
         (tmp / "shapesworld.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(root)

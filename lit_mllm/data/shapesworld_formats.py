@@ -14,6 +14,10 @@ Per split (``train``, ``val``, ``test``), each chosen by :attr:`ShapesWorld.extr
                                        drawn, x2/y2 exclusive (PIL's ``getbbox``; columns x1..x2-1), phrases
                                        unambiguous within their image
 
+and, when :attr:`ShapesWorld.num_multi_train` (``_val``, ``_test``) is set, questions over several of a split's
+images (:func:`multi_question`) as ``multi_{split}.json`` (LLaVA multi-image conversations) and
+``multi_interleaved_{split}.jsonl`` (the same as OBELICS-style documents).
+
 Each writer draws from its own random stream (``{seed}/{split}/{kind}``), so choosing or dropping one never
 changes another, and tar members carry fixed metadata (mtime 0, uid/gid 0), so the same settings give the
 same bytes.
@@ -330,3 +334,114 @@ def write_grounding(
         rows.append({"id": Path(name).stem, "image": name, "width": size, "height": size, "objects": objects})
     _jsonl(root / f"grounding_{split}.jsonl", rows)
     return [f"grounding_{split}.jsonl"]
+
+
+# -- multi-image questions -------------------------------------------------------------------------------------
+MULTI_KINDS = ("both", "more", "find", "count")
+"""Multi-image question kinds: ``both`` (do both of two images contain X? yes/no, X in exactly one of them when
+"no"), ``more`` (which image has the most shapes? one image has strictly more than every other), ``find`` (which
+image shows X? X in exactly one), ``count`` (how many shapes in all the images together?)."""
+
+
+def _others(images: Images, exclude: set[int], k: int, ok: Callable[[Scene], bool], rng: random.Random):
+    """``k`` distinct image indices outside ``exclude`` whose scenes pass ``ok`` (drawn by rejection, at most
+    ``64 * k`` draws), or None when not found."""
+    found: list[int] = []
+    for _ in range(64 * k):
+        j = rng.randrange(len(images))
+        if j not in exclude and j not in found and ok(images[j][1]):
+            found.append(j)
+            if len(found) == k:
+                return found
+    return None
+
+
+def multi_question(
+    world: ShapesWorld, images: Images, kind: str, rng: random.Random
+) -> tuple[list[int], str, str] | None:
+    """One multi-image question of ``kind`` over some of ``images``: (indices of the images shown, in order; the
+    question; the answer), or None when ``images`` cannot give one (too few or too alike). Image numbers in
+    answers count from 1; where the answer is an image, its place is drawn uniformly, so no number is favoured.
+    """
+    lo, hi = world.images_per_question
+    if len(images) < (2 if kind == "both" else lo):
+        return None
+    n = 2 if kind == "both" else rng.randint(lo, min(hi, len(images)))
+    if kind in ("both", "find"):
+        first = rng.randrange(len(images))
+        colour, shape = rng.choice(sorted({(t.colour, t.shape) for t in images[first][1].things}))
+        has = lambda s: any((t.colour, t.shape) == (colour, shape) for t in s.things)  # noqa: E731
+        yes = kind == "both" and rng.random() < 0.5
+        rest = _others(images, {first}, n - 1, has if yes else (lambda s: not has(s)), rng)
+        if rest is None:
+            return None
+        place = rng.randrange(n)
+        picked = rest[:place] + [first] + rest[place:]
+        thing = f"{article(colour)} {colour} {shape}"
+        if kind == "both":
+            return picked, f"Do both images contain {thing}? Answer yes or no.", "yes" if yes else "no"
+        return picked, f"Which image shows {thing}? Answer with the image number.", str(place + 1)
+    if kind == "more":
+        first = rng.randrange(len(images))
+        most = len(images[first][1].things)
+        rest = _others(images, {first}, n - 1, lambda s: len(s.things) < most, rng)
+        if rest is None:
+            return None
+        place = rng.randrange(n)
+        picked = rest[:place] + [first] + rest[place:]
+        return picked, "Which image has the most shapes? Answer with the image number.", str(place + 1)
+    picked = rng.sample(range(len(images)), n)
+    total = sum(len(images[j][1].things) for j in picked)
+    return picked, "How many shapes are there in all the images together? Answer with a number.", str(total)
+
+
+def multi_records(
+    world: ShapesWorld, split: str, images: Images, count: int
+) -> list[tuple[list[str], str, str]]:
+    """``count`` multi-image questions over a split's images, kinds in turn (so equally many of each): (image
+    paths, question, answer) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
+    rng, out = random.Random(f"{world.seed}/{split}/multi_image"), []
+    tries = 0
+    while len(out) < count:
+        kind = MULTI_KINDS[len(out) % len(MULTI_KINDS)]
+        made = multi_question(world, images, kind, rng)
+        tries += 1
+        if made is not None:
+            picked, question, answer = made
+            out.append(([images[j][0] for j in picked], question, answer))
+        elif tries > 100 * (count + 10):
+            raise ValueError(
+                f"cannot draw {count} multi-image questions from the {len(images)} {split} images: no {kind!r} "
+                f"question found (it needs at least {world.images_per_question[0]} images that differ: "
+                "give the split more images, allow more objects, or ask fewer multi-image questions)"
+            )
+    return out
+
+
+def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images, count: int) -> list[str]:
+    """``multi_{split}.json`` (LLaVA conversations, ``image`` a list, one ``Image k: <image>`` line per image
+    before the question) and ``multi_interleaved_{split}.jsonl`` (the same questions as OBELICS-style documents:
+    ``Image k:``, the image, ..., the question, the answer)."""
+    records, documents = [], []
+    for i, (paths, question, answer) in enumerate(multi_records(world, split, images, count)):
+        sid = f"{split}_multi_{i:06d}"
+        shown = "".join(f"Image {k}: <image>\n" for k in range(1, len(paths) + 1))
+        records.append(
+            {
+                "id": sid,
+                "image": paths,
+                "conversations": [
+                    {"from": "human", "value": shown + question},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+        texts: list[str | None] = []
+        pictures: list[str | None] = []
+        for k, path in enumerate(paths, 1):
+            texts += [f"Image {k}:", None]
+            pictures += [None, path]
+        documents.append({"id": sid, "texts": texts + [question, answer], "images": pictures + [None, None]})
+    (root / f"multi_{split}.json").write_text(json.dumps(records, indent=1))
+    _jsonl(root / f"multi_interleaved_{split}.jsonl", documents)
+    return [f"multi_{split}.json", f"multi_interleaved_{split}.jsonl"]
