@@ -222,7 +222,9 @@ def test_missing_data_file_is_one_message(tmp_path, shapes_root, capsys):
         main(["fit", *small(root, tmp_path), "--trainer.fast_dev_run", "1"])
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("lit-mllm fit: data error: data.train.shapesworld (Conversations) cannot be opened: ")
+    assert err.startswith(
+        "lit-mllm fit: data error: data.train.shapesworld (Conversations) cannot be opened: "
+    )
     assert f"{root / 'train.json'}: no such file" in err  # the split, the source and the file
     assert "Traceback" not in err and "lit-mllm --debug fit" in err
 
