@@ -30,6 +30,7 @@ from lit_mllm.training.checkpoints import (
     read_checkpoint,
     safe_globals,
 )
+from lit_mllm.training.peft import LoRA
 from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_plugin_writes_then_replaces(tmp_path):
 
 
 # -- weights_only reads -------------------------------------------------------------------------------------------
-def fit(root, out, max_steps, ckpt_path=None, plugins=(), save_every=None, stage=None):
+def fit(root, out, max_steps, ckpt_path=None, plugins=(), save_every=None, stage=None, **trainer):
     """A plain Trainer (no CLI): the module's hyperparameters hold the Stage object itself."""
     model, record = (
         tiny_model(stage or Stage(name="finetune", trainable=["connector", "language_model"])),
@@ -79,7 +80,9 @@ def fit(root, out, max_steps, ckpt_path=None, plugins=(), save_every=None, stage
     )
     dm = shapes_data(root, batch_size=4, seed=5)
     dm.connect(model.processor())
-    tiny_fit(model, dm, max_steps, out, ckpt_path, save_every, callbacks=[record], plugins=list(plugins))
+    tiny_fit(
+        model, dm, max_steps, out, ckpt_path, save_every, callbacks=[record], plugins=list(plugins), **trainer
+    )
     return record
 
 
@@ -156,6 +159,26 @@ def test_resume_through_the_plugin_continues_the_run(trainer_checkpoint, shapes_
     resumed = fit(shapes_root, tmp_path, max_steps=6, ckpt_path=str(path), plugins=[AtomicCheckpointIO()])
     assert resumed.ids == full.ids[3:]
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5, abs=1e-6)
+
+
+DROPOUT = Stage(
+    name="lora",
+    trainable=["connector"],
+    lora={"language_model": LoRA(r=4, alpha=4.0, dropout=0.5, target_modules=["q_proj", "v_proj"])},
+)
+
+
+def test_a_resume_draws_the_dropout_masks_of_an_uninterrupted_run(shapes_root, tmp_path):
+    """LoRA dropout draws from torch's generator; so do validations and loader iterators between steps, and
+    Lightning saves no generator state. Each training step seeds its own draws (``VLMModule.seed_step``), so the
+    resumed run's losses are those of the uninterrupted one, bit for bit (same computation on the same CPU)."""
+    validating = {"limit_val_batches": 1, "val_check_interval": 2, "num_sanity_val_steps": 0}
+    full = fit(shapes_root, tmp_path / "full", 6, stage=DROPOUT, save_every=3, **validating)
+    ckpt = next((tmp_path / "full").glob("*step=3*.ckpt"))
+    assert isinstance(read_checkpoint(ckpt)["lit_mllm"]["run_seed"], int)
+    resumed = fit(shapes_root, tmp_path, 6, str(ckpt), [AtomicCheckpointIO()], stage=DROPOUT, **validating)
+    assert resumed.ids == full.ids[3:]
+    assert resumed.losses == full.losses[3:]
 
 
 def test_without_the_plugin_lightning_refuses_that_checkpoint(trainer_checkpoint, shapes_root, tmp_path):
@@ -265,7 +288,7 @@ def test_sigterm_saves_exits_0_and_the_resume_continues_at_the_next_batch(shapes
     interrupted = json.loads(Path(f"{marker}0.json").read_text())
     assert len(interrupted) == 2  # mid-epoch: 6 batches per epoch
     # LightningCLI keeps the config's plain data as hyperparameters: torch's own allow-list reads it
-    state = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    state = torch.load(ckpt, weights_only=True)["MixtureData"]  # the DataModule's plan position and counts
     assert (state["epoch"], state["next_batch"]) == (0, 2)
 
     # the resumed run and an uninterrupted one, in this process, through the same CLI and config
@@ -313,5 +336,5 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(shapes_root, 
     assert len(ids) == len(set(ids))  # the ranks' shares of the plan are disjoint
     checkpoint = read_checkpoint(ckpt)
     assert checkpoint["global_step"] == 2
-    state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    state = checkpoint["MixtureData"]
     assert (state["epoch"], state["next_batch"]) == (0, 2)

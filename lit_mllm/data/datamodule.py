@@ -12,9 +12,10 @@
           instruct: {class_path: lit_mllm.data.Conversations, init_args: {path: val.json}}
 
 Training batches come from a :class:`~lit_mllm.data.mixture.Mixture` plan (deterministic in seed, epoch,
-rank; resumable mid-epoch: the training loader's position is saved in the checkpoint). Loader workers parse, tokenize, decode
-and collate whole batches (padded, or packed with ``pack_length``). Every batch carries its samples' sources;
-the module logs ``train/loss/<source>``, the realised ``data/ratio/<source>`` and ``data/skipped/<reason>``.
+rank; resumable mid-epoch: the plan position and the running counts are the DataModule's checkpoint state).
+Loader workers parse, tokenize, decode and collate whole batches (padded, or packed with ``pack_length``).
+Every batch carries its samples' sources; the module logs ``train/loss/<source>``, the realised
+``data/ratio/<source>`` and ``data/skipped/<reason>``.
 
 Bad samples (the reasons of :data:`~lit_mllm.data.sample.Reason`: missing or undecodable image, missing caption,
 placeholder/image mismatch, box outside its image, no supervised token, too long after image expansion, malformed
@@ -33,7 +34,7 @@ transform and image-token count, so nothing the model determines is written twic
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -153,28 +154,56 @@ def _as_is(batch: tuple[Batch, LoaderReport]) -> tuple[Batch, LoaderReport]:
     return batch
 
 
+class _OnFirstNext:
+    """An iterator built by ``make()`` when its first item is asked for, not when it is created."""
+
+    def __init__(self, make: Callable[[], Iterator]) -> None:
+        self.make, self.iterator = make, None
+
+    def __iter__(self) -> _OnFirstNext:
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.iterator = self.make()
+        return next(self.iterator)
+
+
 class _EpochLoader(DataLoader):
     """Sets the stream's epoch (and resume position) before each pass; Lightning does not do this for
-    iterable datasets. Resumable the way Lightning asks: its ``state_dict`` (the position of the last batch
-    trained on, tracked by the DataModule as batches reach the model) is saved in checkpoints."""
+    iterable datasets.
+
+    Both are read when the pass's first batch is asked for, not when Lightning calls ``iter()``: a module whose
+    ``configure_optimizers`` asks for ``trainer.estimated_stepping_batches`` (a schedule spanning the run) makes
+    Lightning build the loader and call ``iter()`` before a checkpoint's loops are restored, when
+    ``trainer.current_epoch`` still reads 0. The plan position itself is the DataModule's checkpoint state
+    (:meth:`MixtureData.state_dict`), which Lightning restores before training in every order; a loader's own
+    state it loads only when it builds the loader after restoring the loops, which that early build prevents."""
 
     def __init__(self, stream: MixtureStream, datamodule: MixtureData, **kwargs) -> None:
         super().__init__(stream, batch_size=None, collate_fn=_as_is, **kwargs)
         self.datamodule = datamodule
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[Batch, LoaderReport]]:
+        return _OnFirstNext(self._start_pass)
+
+    def _start_pass(self) -> Iterator[tuple[Batch, LoaderReport]]:
         trainer = self.datamodule.trainer
         self.dataset.epoch = trainer.current_epoch if trainer is not None else 0
         resume = self.datamodule.resume_at
         self.dataset.start = resume[1] if resume is not None and resume[0] == self.dataset.epoch else 0
         self.datamodule.resume_at = None
-        return super().__iter__()
+        return DataLoader.__iter__(self)
 
     def state_dict(self) -> dict:
-        return self.datamodule.plan_state()
+        """Empty: the DataModule's checkpoint state holds the position. Being stateful tells Lightning that a
+        mid-epoch resume continues where it stopped (it warns otherwise)."""
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.datamodule.load_plan_state(state)
+        """A checkpoint written when the loader held the position (before it moved to the DataModule)."""
+        if state:
+            self.datamodule.load_plan_state(state)
 
 
 class EvalDataset(Dataset):
@@ -497,13 +526,15 @@ class MixtureData(L.LightningDataModule):
             logger.log_metrics(self.stats(), step=step)
 
     def plan_state(self) -> dict:
-        """Where training is in the plan (epoch, next batch) and the running counts."""
+        """Where training is in the plan (epoch, next batch), the running counts (samples seen, per source,
+        skipped per reason: the mixture ratio and the bad-sample budget go on from them) and the plan's seed."""
         if self.position is None:
             return {}
         epoch, k = self.position
         return {"epoch": epoch, "next_batch": k + 1, "counts": dict(self.counts), "seed": self.seed}
 
     def load_plan_state(self, state: dict) -> None:
+        """Continue from :meth:`plan_state`: the next training pass of that epoch starts at its next batch."""
         if not state:
             return
         if state.get("seed", self.seed) != self.seed:
@@ -514,3 +545,11 @@ class MixtureData(L.LightningDataModule):
         self.resume_at = (state["epoch"], state["next_batch"])
         self.position = (state["epoch"], state["next_batch"] - 1)
         self.counts = Counter(state["counts"])
+
+    def state_dict(self) -> dict:
+        """Lightning's DataModule checkpoint hook: :meth:`plan_state`."""
+        return self.plan_state()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Lightning's DataModule checkpoint hook (called before training starts): :meth:`load_plan_state`."""
+        self.load_plan_state(state_dict)

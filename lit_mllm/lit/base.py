@@ -24,6 +24,7 @@ from abc import abstractmethod
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -151,6 +152,8 @@ class VLMModule(L.LightningModule):
         self.schedule = stage  # the run's stages; a single stage is a schedule of one
         self.stage_index = 0  # index in schedule.stages of the stage that trains now
         self.stage = stage.stages[0].stage  # the stage that trains now
+        # seeds every training step's random draws (seed_step); kept in checkpoints
+        self.run_seed: int | None = None
 
     def freeze_and_load(self, init_from: str | None = None) -> None:
         """End of a family's ``__init__``: apply the stage (every stage of the schedule checked against the parts,
@@ -311,6 +314,22 @@ class VLMModule(L.LightningModule):
         index = self.schedule.index_at(self.global_step)
         if index != self.stage_index:
             self.enter_stage(index)
+        self.seed_step(batch_idx)
+
+    def seed_step(self, batch_idx: int) -> None:
+        """Seed torch's generators (CPU and CUDA) for this training batch from (run seed, epoch, batch, rank).
+
+        A step's random draws (dropout, LoRA dropout) then depend on the step alone, not on all that drew before it
+        (validations, loader iterators): a run resumed from a checkpoint draws what an uninterrupted run draws at
+        the same step, which a saved generator state would not give (Lightning saves none, and what draws between
+        the checkpoint and the next step differs between the two runs). The run seed is drawn from the (seeded)
+        generator at the first step, the same on every rank, and kept in checkpoints."""
+        if self.run_seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+            self.run_seed = int(self.trainer.strategy.broadcast(seed, src=0))
+        key = [self.run_seed, self.current_epoch, batch_idx, self.global_rank]
+        high, low = np.random.SeedSequence(key).generate_state(2)
+        torch.manual_seed(int(high) << 32 | int(low))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -413,11 +432,13 @@ class VLMModule(L.LightningModule):
             "stage": self.stage.name,
             "stage_index": self.stage_index,
             "frozen_weights": "rebuilt from the config's sources",
+            "run_seed": self.run_seed,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Of a schedule, the stage that wrote the checkpoint (its optimizer state is in it); a milestone reached at
         # the checkpoint's step is entered at the next batch, as in an uninterrupted run.
+        self.run_seed = (checkpoint.get("lit_mllm") or {}).get("run_seed", self.run_seed)
         index = (checkpoint.get("lit_mllm") or {}).get("stage_index")
         if not isinstance(index, int) or not 0 <= index < len(self.schedule.stages):
             index = self.schedule.index_at(checkpoint.get("global_step", 0))

@@ -4,8 +4,12 @@ wrap policy read off the model's parts.
 SIGTERM (preemption, ``scancel``, a time limit, Kubernetes eviction) may reach one rank, several or all, at
 different moments. :class:`CheckpointOnSigterm` only notes it in the signal handler; after each optimizer step
 the ranks agree (one all-reduce of a flag) whether any rank was signalled, and if so all of them save one
-checkpoint together at that same step and stop with Lightning's ``SIGTERMException`` (the process exits 0). The
-checkpoint holds the training loader's position, so ``--ckpt_path`` resumes at the next batch of the plan.
+checkpoint together at that same step, finish the step as Lightning would (its logged metrics, the validation
+due at that step, the epoch's end when the step ended it) and stop with Lightning's ``SIGTERMException`` before
+the next step or epoch starts (the process exits 0). The checkpoint holds the DataModule's plan position, so
+``--ckpt_path`` resumes at the next batch of the plan, and the interrupted and the resumed run together log what
+an uninterrupted run logs (Lightning does not repeat, on resume, the validation of the step the checkpoint was
+saved at: the interrupted run ran it).
 
 Lightning's own SIGTERM handling is replaced while the callback is active: its handler runs a collective
 broadcast inside the signal handler and stops each rank on its own flag, which hangs a DDP run when SIGTERM
@@ -57,6 +61,7 @@ class CheckpointOnSigterm(L.Callback):
         self.dirpath, self.filename = dirpath, filename
         self.received = False
         self._handler_set = False
+        self._saved = False  # this run's checkpoint is saved: stop before the next step or epoch
 
     def path(self, trainer: L.Trainer) -> Path:
         """Where the checkpoint goes."""
@@ -72,7 +77,7 @@ class CheckpointOnSigterm(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registered its handlers just before; it restores the previous ones at teardown.
-        self.received = False
+        self.received, self._saved = False, False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
             self._handler_set = True
@@ -82,15 +87,27 @@ class CheckpointOnSigterm(L.Callback):
     ) -> None:
         if not self._handler_set or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # between the micro-batches of one optimizer step
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if self._saved or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
+        # Saved here, where Lightning's own step checkpoints are saved (it resumes them at the next batch); the
+        # stop waits until Lightning has logged this step's metrics and run the validation due at this step.
         path = self.path(trainer)
         trainer.save_checkpoint(path)
+        self._saved = True
         rank_zero_info(
             f"SIGTERM: stopped after step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}) "
             f"and saved {path}. Resume with the same command and `--ckpt_path {path}`."
         )
-        raise SIGTERMException()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._saved:
+            raise SIGTERMException()  # the next step's batch is drawn but not trained: the resume trains it
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._saved:
+            raise SIGTERMException()  # the saved step ended the previous epoch, whose end has run
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.path(trainer)
