@@ -40,8 +40,14 @@ def rec(**kw):
             "2 <image> placeholder",
         ),
         (
-            rec(conversations=[{"from": "human", "value": "<image>q"}, {"from": "human", "value": "a"}]),
-            "alternate",
+            rec(
+                conversations=[
+                    {"from": "human", "value": "<image>q"},
+                    {"from": "human", "value": "a"},
+                    {"from": "gpt", "value": "b"},
+                ]
+            ),
+            "alternate",  # (with no assistant turn at all the record has nothing to learn: no_supervision)
         ),
         ("not a dict", "must be a JSON object"),
     ],
