@@ -42,7 +42,7 @@ from lit_mllm.nn.fusion.gated_xattn import (
     xattn_layer_indices,
 )
 from lit_mllm.nn.fusion.prefix import ImageTokenMismatch
-from lit_mllm.nn.language.layers import without_efficiency
+from lit_mllm.nn.language.layers import family_wrappers
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.stages import Stage, StageSchedule
@@ -135,8 +135,7 @@ class FlamingoVLM(VLMModule):
 
     def xattn_layers(self) -> list[GatedCrossAttentionLayer]:
         """The wrapped decoder layers, input side first."""
-        layers = (without_efficiency(e) for e in self.language_model.decoder_layers)
-        return [w for w in layers if isinstance(w, GatedCrossAttentionLayer)]
+        return family_wrappers(self.language_model.decoder_layers, GatedCrossAttentionLayer)
 
     def parts(self) -> dict[str, nn.Module | list[nn.Module]]:
         """The base's parts plus ``xattn``: the gated blocks, inside ``language_model``."""

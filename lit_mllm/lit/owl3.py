@@ -36,7 +36,7 @@ from lit_mllm.nn.fusion.hyper_attention import (
     rope_theta_of,
 )
 from lit_mllm.nn.fusion.prefix import ImageTokenMismatch
-from lit_mllm.nn.language.layers import without_efficiency
+from lit_mllm.nn.language.layers import family_wrappers
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
 from lit_mllm.training.stages import Stage, StageSchedule
@@ -121,8 +121,7 @@ class MPLUGOwl3VLM(VLMModule):
 
     def hyper_layers(self) -> list[HyperAttentionLayer]:
         """The wrapped decoder layers, input side first."""
-        layers = (without_efficiency(e) for e in self.language_model.decoder_layers)
-        return [w for w in layers if isinstance(w, HyperAttentionLayer)]
+        return family_wrappers(self.language_model.decoder_layers, HyperAttentionLayer)
 
     def parts(self) -> dict[str, nn.Module | list[nn.Module]]:
         """The base's parts plus ``hyper_attention``: the new key/value and gate weights, inside

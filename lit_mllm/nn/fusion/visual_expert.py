@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.language.layers import DecoderLayerWrapper, LayerInputs, bare_layer, without_efficiency
+from lit_mllm.nn.language.layers import DecoderLayerWrapper, LayerInputs, bare_layer, family_wrappers
 
 ROUTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp")
 """The modules of a Llama / Qwen2 decoder layer (paths inside the HF layer) that get a visual expert: CogVLM's
@@ -182,14 +182,5 @@ class VisualExpertLayer(DecoderLayerWrapper):
 
 
 def visual_expert_layers(layers: Sequence[nn.Module]) -> list[VisualExpertLayer]:
-    """The visual-expert wrappers among decoder-layer entries (efficiency wrappers and other family wrappers looked
-    through), input side first."""
-    found = []
-    for entry in layers:
-        entry = without_efficiency(entry)
-        while isinstance(entry, DecoderLayerWrapper):
-            if isinstance(entry, VisualExpertLayer):
-                found.append(entry)
-                break
-            entry = without_efficiency(entry.decoder_layer)
-    return found
+    """The visual-expert wrappers among decoder-layer entries, input side first."""
+    return family_wrappers(layers, VisualExpertLayer)

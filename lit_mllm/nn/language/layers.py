@@ -28,12 +28,15 @@ results are bit-identical, tested). Nothing is stored on a layer between calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+W = TypeVar("W", bound="DecoderLayerWrapper")
 
 LAYER_INPUTS = "layer_inputs"
 """The keyword argument every decoder-layer call receives the call's :class:`LayerInputs` in."""
@@ -159,6 +162,20 @@ def without_efficiency(entry: nn.Module) -> nn.Module:
         if inner is None:
             return entry
         entry = inner
+
+
+def family_wrappers(layers: Iterable[nn.Module], kind: type[W]) -> list[W]:
+    """The ``kind`` wrappers among decoder-layer entries (efficiency wrappers and other family wrappers looked
+    through), input side first: a family's own layers, e.g. ``family_wrappers(lm.decoder_layers, MyLayer)``."""
+    found = []
+    for entry in layers:
+        entry = without_efficiency(entry)
+        while isinstance(entry, DecoderLayerWrapper):
+            if isinstance(entry, kind):
+                found.append(entry)
+                break
+            entry = without_efficiency(entry.decoder_layer)
+    return found
 
 
 def bare_layer(entry: nn.Module) -> nn.Module:
