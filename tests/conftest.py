@@ -76,6 +76,25 @@ def cli_args(data_root, out=None, batch_size: int = 4, cpu: bool = False) -> lis
     return args
 
 
+def overfit_losses(model, root, steps: int, lr: float = 3e-3) -> list[float]:
+    """Training losses of ``steps`` AdamW steps of ``model`` (its trainable parameters) on one batch of four
+    ShapesWorld training samples from ``root``."""
+    data = shapes_data(root, batch_size=4)
+    data.connect(model.processor())
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))[0]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = model.training_step(batch, step)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def shapes_data(root, **kwargs) -> MixtureData:
     """The quickstart's DataModule shape: ShapesWorld's LLaVA-format train/val/test files."""
     splits = {split: {"shapesworld": Conversations(f"{split}.json")} for split in ("train", "val", "test")}

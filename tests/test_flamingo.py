@@ -25,7 +25,7 @@ from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
 from lit_mllm.training.stages import state_name, trainable_names
-from tests.conftest import cli_args, shapes_data
+from tests.conftest import cli_args, overfit_losses
 
 LM = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 IMAGE = 99  # a marker id in the hand-made sequences
@@ -516,19 +516,7 @@ def test_a_few_steps_overfit_shapesworld_samples(shapes_root):
     model = tiny_flamingo(
         stage=Stage(name="all", trainable=["vision_tower", "connector", "language_model", "xattn"])
     )
-    data = shapes_data(shapes_root, batch_size=4)
-    data.connect(model.processor())
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))[0]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    losses = []
-    for step in range(20):
-        optimizer.zero_grad()
-        loss = model.training_step(batch, step)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit_losses(model, shapes_root, steps=20)
     assert losses[-1] < 0.5 * losses[0]
 
 
