@@ -45,6 +45,8 @@ class Batch:
     """Generation batches: the text of the turn being answered, per sample."""
     references: list[list[str]] | None = None
     """Generation batches: the accepted answers of each sample (VQA has ten; empty when there is none)."""
+    meta: list[dict] = field(default_factory=list)
+    """Each sample's :attr:`~lit_mllm.data.sample.Sample.meta` (in ``ids`` order; what metrics group by)."""
     generation: Batch | None = None
     """For evaluation with generation metrics: the same samples as a left-padded prompt-only batch."""
 

@@ -116,6 +116,7 @@ def collate(
     return Batch(
         ids=[it["id"] for it in items],
         sources=[it.get("source", "") for it in items],
+        meta=[it.get("meta", {}) for it in items],
         row_names=["+".join(items[i]["id"] for i in row) for row in rows],
         input_ids=input_ids,
         labels=labels,

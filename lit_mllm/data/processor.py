@@ -98,6 +98,7 @@ class Processor:
         item = {
             "id": sample.id,
             "source": sample.source,
+            "meta": sample.meta,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": torch.cat(pixels) if pixels else None,  # [sum(crops), 3, S, S]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lit_mllm.nn.language.chat import Turn
 
@@ -55,6 +55,11 @@ class Sample:
     references: list[str] = field(default_factory=list)
     """Accepted answers for the last reply when there are several (VQA's ten human answers); empty: the last
     assistant turn is the one reference."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """What evaluation needs to know about the sample beyond its text (JSON values): ShapesWorld's question
+    ``kind``; a benchmark's grouping keys (MME ``subtask`` / ``image``, MMBench ``group`` of a question's
+    rotations, VQA ``question_id`` / ``answer_type``, a grounding ``box``). Metrics read it from
+    :attr:`~lit_mllm.data.batch.Batch.meta`; nothing in training does."""
 
     def fail(self, problem: str, reason: Reason = "malformed_record") -> DataError:
         return DataError(f"{self.where} (id {self.id!r}): {problem}", reason)

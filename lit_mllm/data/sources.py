@@ -142,7 +142,9 @@ class Conversations(_JsonRecords):
 
     ``image`` may be a list (several images, one ``<image>`` each, anywhere in the text) or absent (text only).
     Roles ``human``/``user``, ``gpt``/``assistant`` and ``system`` are accepted. An optional ``answers`` list of
-    strings gives the accepted answers of the last reply (VQA's ten human answers) for generation metrics.
+    strings gives the accepted answers of the last reply (VQA's ten human answers) for generation metrics; an
+    optional ``meta`` object is kept as the sample's :attr:`~lit_mllm.data.sample.Sample.meta` (what metrics group
+    by: a question's ``kind``, a benchmark's subtask).
     """
 
     def sample(self, i: int, image_token: str) -> Sample:
@@ -190,6 +192,10 @@ class Conversations(_JsonRecords):
                 f"'answers' must be a list of strings (the accepted answers), got {answers!r}"[:400]
             )
         sample.references = answers
+        meta = record.get("meta", {})
+        if not isinstance(meta, dict):
+            raise sample.fail(f"'meta' must be an object (what evaluation groups by), got {meta!r}"[:400])
+        sample.meta = meta
         return sample
 
 
