@@ -338,6 +338,8 @@ def write_grounding(
 
 # -- multi-image questions -------------------------------------------------------------------------------------
 MULTI_KINDS = ("both", "more", "find", "count")
+MULTI_KIND_NAMES = {"both": "both", "more": "most", "find": "which", "count": "total"}
+"""The ``meta.kind`` of each multi-image question kind (distinct from the single-image kinds: ``count`` there)."""
 """Multi-image question kinds: ``both`` (do both of two images contain X? yes/no, X in exactly one of them when
 "no"), ``more`` (which image has the most shapes? one image has strictly more than every other), ``find`` (which
 image shows X? X in exactly one), ``count`` (how many shapes in all the images together?)."""
@@ -397,9 +399,9 @@ def multi_question(
 
 def multi_records(
     world: ShapesWorld, split: str, images: Images, count: int
-) -> list[tuple[list[str], str, str]]:
+) -> list[tuple[list[str], str, str, str]]:
     """``count`` multi-image questions over a split's images, kinds in turn (so equally many of each): (image
-    paths, question, answer) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
+    paths, question, answer, kind) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
     rng, out = random.Random(f"{world.seed}/{split}/multi_image"), []
     tries = 0
     while len(out) < count:
@@ -408,7 +410,7 @@ def multi_records(
         tries += 1
         if made is not None:
             picked, question, answer = made
-            out.append(([images[j][0] for j in picked], question, answer))
+            out.append(([images[j][0] for j in picked], question, answer, kind))
         elif tries > 100 * (count + 10):
             raise ValueError(
                 f"cannot draw {count} multi-image questions from the {len(images)} {split} images: no {kind!r} "
@@ -423,7 +425,7 @@ def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images
     before the question) and ``multi_interleaved_{split}.jsonl`` (the same questions as OBELICS-style documents:
     ``Image k:``, the image, ..., the question, the answer)."""
     records, documents = [], []
-    for i, (paths, question, answer) in enumerate(multi_records(world, split, images, count)):
+    for i, (paths, question, answer, kind) in enumerate(multi_records(world, split, images, count)):
         sid = f"{split}_multi_{i:06d}"
         shown = "".join(f"Image {k}: <image>\n" for k in range(1, len(paths) + 1))
         records.append(
@@ -434,6 +436,7 @@ def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images
                     {"from": "human", "value": shown + question},
                     {"from": "gpt", "value": answer},
                 ],
+                "meta": {"kind": MULTI_KIND_NAMES[kind]},
             }
         )
         texts: list[str | None] = []

@@ -7,6 +7,7 @@ from lit_mllm.eval.metrics import (
     EvalMetric,
     EvalOutputs,
     GeneratedExactMatch,
+    PerGroup,
     ReplyExactMatch,
     reply_exact_match,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "EvalOutputs",
     "GeneratedExactMatch",
     "GenerationConfig",
+    "PerGroup",
     "PredictionWriter",
     "ReplyExactMatch",
     "reply_exact_match",

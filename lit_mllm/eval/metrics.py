@@ -8,7 +8,10 @@
 
 Each is a torchmetrics ``Metric`` (states synchronised across ranks) subclassing :class:`EvalMetric`: it reads what
 it needs from :class:`EvalOutputs` (the batch, its teacher-forced logits, and the generated replies when any metric
-``needs_generation``). It is logged as ``<split>/<name>``.
+``needs_generation``). It is logged at the end of each evaluation epoch as ``<split>/<name>`` (a metric whose ``compute`` returns a dict:
+``<split>/<name>/<key>`` each), and, when the split has several sources (tasks), per task as
+``<split>/<task>/<name>``. :class:`PerGroup` breaks a metric down by a key of the samples' ``meta`` (ShapesWorld's
+question ``kind``; a benchmark's subtask).
 
 :class:`ReplyExactMatch`: a reply counts as correct when every one of its supervised tokens (the answer and its end
 marker) is the argmax prediction. That is exactly the condition under which greedy decoding reproduces the reply
@@ -18,15 +21,19 @@ equivalence against ``generate``). Replies are the maximal runs of supervised to
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_mllm.data.batch import Batch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
+
+OTHER = "other"
+"""The group of samples whose ``meta`` value :class:`PerGroup` does not list."""
 
 
 @dataclass
@@ -40,6 +47,14 @@ class EvalOutputs:
     generations: list[str] | None = None
     """The decoded reply of each sample (the model's generation settings), when a metric needs them."""
 
+    def select(self, rows: list[int]) -> EvalOutputs:
+        """The outputs of the samples ``rows`` only (padded evaluation batches: a row is a sample)."""
+        return EvalOutputs(
+            self.batch.select(rows),
+            self.logits[torch.tensor(rows, dtype=torch.long, device=self.logits.device)],
+            None if self.generations is None else [self.generations[r] for r in rows],
+        )
+
 
 class EvalMetric(Metric):
     """A metric updated from :class:`EvalOutputs`; ``needs_generation`` makes the module generate replies."""
@@ -49,6 +64,11 @@ class EvalMetric(Metric):
     def update_from(self, outputs: EvalOutputs) -> None:
         """Update from one evaluation step's outputs."""
         raise NotImplementedError
+
+
+def _ratio(part: Tensor, whole: Tensor) -> Tensor:
+    """``part / whole``, NaN when nothing was counted (an empty split is not a score of 0)."""
+    return part.float() / whole if whole > 0 else torch.tensor(float("nan"), device=whole.device)
 
 
 def reply_exact_match(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +104,7 @@ class ReplyExactMatch(EvalMetric):
         self.update(outputs.logits, outputs.batch.labels)
 
     def compute(self) -> Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+        return _ratio(self.correct, self.total)
 
 
 class GeneratedExactMatch(EvalMetric):
@@ -124,4 +144,69 @@ class GeneratedExactMatch(EvalMetric):
         self.update(outputs.generations, prompts.references)
 
     def compute(self) -> Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+        return _ratio(self.correct, self.total)
+
+
+class PerGroup(EvalMetric):
+    """A metric computed separately for each group of samples sharing ``meta[key]`` (ShapesWorld's question kinds,
+    a benchmark's subtasks)::
+
+        by_kind:
+          class_path: lit_mllm.eval.PerGroup
+          init_args:
+            metric: {class_path: lit_mllm.eval.ReplyExactMatch}
+            key: kind
+            groups: [colour, shape, count, position, existence]
+
+    ``compute`` gives ``{group: value}`` (logged ``<split>/by_kind/colour``, ...) for the groups that met a sample on
+    some rank (nothing when no sample named a listed group); a metric returning a dict gives ``{group/key: value}``. Samples whose value is not listed are
+    counted under ``other`` (listed groups are fixed so that every rank holds the same states)."""
+
+    full_state_update = False
+
+    def __init__(self, metric: EvalMetric, key: str, groups: list[str], **kwargs) -> None:
+        """
+        Args:
+            metric: The metric computed per group (copied for each).
+            key: The ``meta`` key grouping the samples.
+            groups: The group values reported (others are counted under ``other``).
+        """
+        super().__init__(**kwargs)
+        if not groups or len(set(groups)) != len(groups) or OTHER in groups:
+            raise ValueError(f"PerGroup needs distinct group names other than {OTHER!r}, got {groups!r}")
+        bad = [g for g in groups if not g or "." in g]
+        if bad:
+            raise ValueError(f"PerGroup group names cannot be empty or contain '.': {bad}")
+        self.key = key
+        self.needs_generation = metric.needs_generation
+        self.members = nn.ModuleDict({g: metric.clone() for g in [*groups, OTHER]})
+        self.add_state("seen", default=torch.zeros(len(self.members), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs: EvalOutputs) -> None:
+        rows: dict[str, list[int]] = {}
+        for i, meta in enumerate(outputs.batch.meta or [{} for _ in outputs.batch.ids]):
+            value = str(meta.get(self.key, OTHER))
+            rows.setdefault(value if value in self.members else OTHER, []).append(i)
+        for k, group in enumerate(self.members):
+            if group in rows:
+                self.members[group].update_from(outputs.select(rows[group]))
+                self.seen[k] += len(rows[group])
+
+    def update_from(self, outputs: EvalOutputs) -> None:
+        self.update(outputs)
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {}
+        for k, (group, member) in enumerate(self.members.items()):
+            with warnings.catch_warnings():  # a group no sample met is computed from its empty state
+                warnings.filterwarnings("ignore", message=".*compute.*before the.*update", category=UserWarning)
+                value = member.compute()  # every rank computes every member: their states synchronise
+            if self.seen[k] > 0 and (group != OTHER or self.seen[:-1].sum() > 0):  # no kinds at all: nothing
+                values = value if isinstance(value, dict) else {"": value}
+                out.update({f"{group}/{key}" if key else group: v for key, v in values.items()})
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        for member in self.members.values():
+            member.reset()
