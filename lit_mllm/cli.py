@@ -51,6 +51,11 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(
         LIGHTNING, "--config FILE --ckpt_path CKPT", "generate replies (predictions.jsonl)", lightning=True
     ),
+    "evaluate": Command(
+        "lit_mllm.commands.evaluate",
+        "--config FILE --ckpt_path CKPT [--split val|test]",
+        "score a model on a split with the config's metrics; a JSON report of scores and what produced them",
+    ),
     "describe": Command(
         "lit_mllm.commands.describe",
         "--config FILE",

@@ -199,7 +199,9 @@ class PerGroup(EvalMetric):
         out = {}
         for k, (group, member) in enumerate(self.members.items()):
             with warnings.catch_warnings():  # a group no sample met is computed from its empty state
-                warnings.filterwarnings("ignore", message=".*compute.*before the.*update", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message=".*compute.*before the.*update", category=UserWarning
+                )
                 value = member.compute()  # every rank computes every member: their states synchronise
             if self.seen[k] > 0 and (group != OTHER or self.seen[:-1].sum() > 0):  # no kinds at all: nothing
                 values = value if isinstance(value, dict) else {"": value}
