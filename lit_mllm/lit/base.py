@@ -38,7 +38,7 @@ from lit_mllm.data.batch import Batch
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
-from lit_mllm.eval.generation import GenerationConfig
+from lit_mllm.eval.generation import GenerationConfig, cut_at_stop
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, ReplyExactMatch
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
@@ -257,13 +257,18 @@ class VLMModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: Batch, **overrides) -> list[str]:
         """Decoded replies of a left-padded prompt batch, with the model's ``generation`` settings (``overrides``
-        replace single ``generate`` arguments)."""
+        replace single ``transformers`` ``generate`` arguments, e.g. ``num_beams=3``, ``stop_strings=["\\n"]``).
+
+        The images are encoded once per call (every family: the visual features reach each decoding step with the
+        KV cache); each reply is cut before its first stop string and stripped. One reply per prompt row, or
+        ``num_return_sequences`` consecutive replies per row."""
         inputs = self.inputs(batch)
         settings = {**self.generation.kwargs(), **overrides}
         new = self.language_model.generate(
             inputs.embeds, batch.attention_mask, layer_inputs=inputs.layer_inputs, **settings
         )
-        return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [cut_at_stop(text, settings.get("stop_strings")).strip() for text in texts]
 
     def _needs_generation(self) -> bool:
         return any(m.needs_generation for m in self.split_metrics["val"].values())
