@@ -35,9 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.collate import collate
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
+from lit_mllm.eval.choice import choice_samples, sum_by_sample
 from lit_mllm.eval.generation import GenerationConfig, cut_at_stop
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, ReplyExactMatch
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
@@ -269,6 +271,19 @@ class VLMModule(L.LightningModule):
         )
         texts = self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stop(text, settings.get("stop_strings")).strip() for text in texts]
+
+    @torch.no_grad()
+    def option_loglikelihoods(self, context: str, options: list[str], per_token: bool = False) -> Tensor:
+        """``[K]`` log-likelihood of each of the ``K`` options as the reply to ``context`` (text only, rendered by
+        the chat format as a user turn and its answer): the sum of the log-probabilities of the option's tokens and
+        the end-of-reply marker, or their mean per token (``per_token``). The argmax is the model's choice; the
+        same figures :class:`~lit_mllm.eval.choice.ChoiceAccuracy` reads from an evaluation step's logits."""
+        processor = self.processor()
+        samples = choice_samples("options", context, options, 0)
+        batch = collate([processor(s) for s in samples], processor.tokenizer.pad_token_id).to(self.device)
+        logits, target, which = self.supervised_logits(batch)  # [S, V], [S], [S]
+        sums, tokens = sum_by_sample(logits, target, which, len(samples))
+        return sums / tokens if per_token else sums
 
     def _needs_generation(self) -> bool:
         return any(m.needs_generation for m in self.split_metrics["val"].values())
