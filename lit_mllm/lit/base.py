@@ -37,11 +37,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.collate import collate
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
 from lit_mllm.data.shapesworld import ALL_KINDS
-from lit_mllm.eval.generation import GenerationConfig
+from lit_mllm.eval.choice import choice_samples, sum_by_sample
+from lit_mllm.eval.generation import GenerationConfig, cut_at_stop
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, PerGroup, ReplyExactMatch
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
@@ -272,13 +274,31 @@ class VLMModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: Batch, **overrides) -> list[str]:
         """Decoded replies of a left-padded prompt batch, with the model's ``generation`` settings (``overrides``
-        replace single ``generate`` arguments)."""
+        replace single ``transformers`` ``generate`` arguments, e.g. ``num_beams=3``, ``stop_strings=["\\n"]``).
+
+        The images are encoded once per call (every family: the visual features reach each decoding step with the
+        KV cache); each reply is cut before its first stop string and stripped. One reply per prompt row, or
+        ``num_return_sequences`` consecutive replies per row."""
         inputs = self.inputs(batch)
         settings = {**self.generation.kwargs(), **overrides}
         new = self.language_model.generate(
             inputs.embeds, batch.attention_mask, layer_inputs=inputs.layer_inputs, **settings
         )
-        return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [cut_at_stop(text, settings.get("stop_strings")).strip() for text in texts]
+
+    @torch.no_grad()
+    def option_loglikelihoods(self, context: str, options: list[str], per_token: bool = False) -> Tensor:
+        """``[K]`` log-likelihood of each of the ``K`` options as the reply to ``context`` (text only, rendered by
+        the chat format as a user turn and its answer): the sum of the log-probabilities of the option's tokens and
+        the end-of-reply marker, or their mean per token (``per_token``). The argmax is the model's choice; the
+        same figures :class:`~lit_mllm.eval.choice.ChoiceAccuracy` reads from an evaluation step's logits."""
+        processor = self.processor()
+        samples = choice_samples("options", context, options, 0)
+        batch = collate([processor(s) for s in samples], processor.tokenizer.pad_token_id).to(self.device)
+        logits, target, which = self.supervised_logits(batch)  # [S, V], [S], [S]
+        sums, tokens = sum_by_sample(logits, target, which, len(samples))
+        return sums / tokens if per_token else sums
 
     def _needs_generation(self) -> bool:
         return any(m.needs_generation for m in self.split_metrics["val"].values())
