@@ -54,7 +54,9 @@ def test_cider_d_equals_pycocoevalcap():
     corpus, per_image = Cider().compute_score(
         {i: refs for i, refs in enumerate(references)}, {i: [c] for i, c in enumerate(candidates)}
     )
-    assert cider_d(candidates, references, tokenize=False) == pytest.approx(list(per_image), rel=1e-9, abs=1e-12)
+    assert cider_d(candidates, references, tokenize=False) == pytest.approx(
+        list(per_image), rel=1e-9, abs=1e-12
+    )
     metric = CIDErD(tokenize=False)
     metric.update(candidates, references)
     assert metric.compute().item() == pytest.approx(corpus, rel=1e-6)

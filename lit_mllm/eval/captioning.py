@@ -29,7 +29,8 @@ from collections.abc import Hashable
 
 import torch
 from torch import Tensor
-from torchmetrics.text import BLEUScore, ROUGEScore
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.text import BLEUScore
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, generated, stable_hash
@@ -197,6 +198,7 @@ class BLEU4(EvalMetric, BLEUScore):
     """Corpus BLEU-4 of generated captions against the samples' references (torchmetrics' ``BLEUScore``,
     uniform weights, brevity penalty from the closest reference length) on :func:`coco_tokenize` tokens."""
 
+    full_state_update = False
     needs_generation = True
 
     def __init__(self, **kwargs) -> None:
@@ -216,28 +218,37 @@ class BLEU4(EvalMetric, BLEUScore):
         self.update(*generated(outputs, type(self).__name__))
 
 
-class ROUGEL(EvalMetric, ROUGEScore):
-    """Mean ROUGE-L F-measure of generated captions (torchmetrics' ``ROUGEScore``, the best-scoring reference of
+class ROUGEL(EvalMetric):
+    """Mean ROUGE-L F-measure of generated captions (torchmetrics' ``rouge_score``, the best-scoring reference of
     each sample) on :func:`coco_tokenize` tokens. COCO's ROUGE-L differs slightly: F with beta 1.2 from the
-    precision and recall maxima over references."""
+    precision and recall maxima over references.
 
+    Kept as a sum and a count rather than torchmetrics' ``ROUGEScore``, whose per-sample list states are gathered
+    one element at a time and so need the same number of samples on every rank."""
+
+    full_state_update = False
     needs_generation = True
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(rouge_keys="rougeL", **kwargs)
+        super().__init__(**kwargs)
+        self.add_state("fmeasure", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(
         self, predictions: list[str], references: list[list[str]], meta: list[dict] | None = None
     ) -> None:
         pairs = [(p, refs) for p, refs in zip(predictions, references, strict=True) if refs]
         if pairs:
-            super().update(
+            mean = rouge_score(
                 [" ".join(coco_tokenize(p)) for p, _ in pairs],
                 [[" ".join(coco_tokenize(r)) for r in refs] for _, refs in pairs],
-            )
+                rouge_keys="rougeL",
+            )["rougeL_fmeasure"]
+            self.fmeasure += mean.double() * len(pairs)
+            self.total += len(pairs)
 
     def update_from(self, outputs: EvalOutputs) -> None:
         self.update(*generated(outputs, type(self).__name__))
 
     def compute(self) -> Tensor:
-        return super().compute()["rougeL_fmeasure"]
+        return (self.fmeasure / self.total.clamp(min=1)).float()
