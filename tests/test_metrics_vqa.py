@@ -58,7 +58,13 @@ def test_digit_article(text, expected):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("Yes.", "yes"), ("yes\n", "yes"), ("\tTwo.", "2"), ("The Dog!", "dog"), ("1,000 people", "1000 people")],
+    [
+        ("Yes.", "yes"),
+        ("yes\n", "yes"),
+        ("\tTwo.", "2"),
+        ("The Dog!", "dog"),
+        ("1,000 people", "1000 people"),
+    ],
 )
 def test_normalize(text, expected):
     assert vqa_normalize(text) == expected
