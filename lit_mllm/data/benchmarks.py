@@ -45,6 +45,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.sources import IMAGE_EXTENSIONS, Grounding, Source
@@ -364,10 +365,10 @@ class RefCOCO(Grounding):
         path: str,
         template: TaskTemplate | None = None,
         image_folder: str | None = None,
-        format: str = "refer",
+        format: Literal["objects", "rows", "refer"] = "refer",
         split: str | None = None,
         instances: str | None = None,
-        box_format: str | None = None,
+        box_format: Literal["xyxy", "xywh"] | None = None,
         image_pattern: str | None = None,
         trust_pickle: bool = False,
     ) -> None:
