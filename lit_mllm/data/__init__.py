@@ -1,7 +1,9 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, and ShapesWorld."""
+(tokenize + expand image tokens), collation and packing, the DataModule, ShapesWorld, and readers for benchmark
+files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE)."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
+from lit_mllm.data.benchmarks import GQA, MME, POPE, COCOCaptions, MMBench, RefCOCO, TextVQA, VQAv2
 from lit_mllm.data.collate import collate, pack
 from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
 from lit_mllm.data.layouts import AnyRes, Catty, ImageLayout, Letterbox, MM1SubImages, Resize, ResizeCrop
@@ -23,22 +25,28 @@ from lit_mllm.data.tasks import MiniGPTv2Tasks, PinkTasks, PlainTasks, QwenVLTas
 __all__ = [
     "AnyRes",
     "Captions",
+    "COCOCaptions",
     "Catty",
     "Conversations",
     "DataError",
     "DatasetGenerator",
+    "GQA",
     "Grounding",
     "ImageLayout",
     "Interleaved",
     "Letterbox",
     "MiniGPTv2Tasks",
     "MM1SubImages",
+    "MMBench",
+    "MME",
     "Mixture",
     "MixtureData",
     "PinkTasks",
     "PlainTasks",
+    "POPE",
     "Processor",
     "QwenVLTasks",
+    "RefCOCO",
     "Resize",
     "ResizeCrop",
     "Sample",
@@ -46,6 +54,8 @@ __all__ = [
     "Source",
     "TaskTemplate",
     "TextOnly",
+    "TextVQA",
+    "VQAv2",
     "Batch",
     "LoaderReport",
     "collate",
