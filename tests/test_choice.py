@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from lit_mllm.data import MixtureData, collate
-from lit_mllm.data.shapesworld_formats import CORNERS
-from lit_mllm.eval.choice import (
+from lit_mllm.data.shapesworld_formats import (
+    CORNERS,
     TEXT_CHOICE_KINDS,
-    ChoiceAccuracy,
-    TextChoices,
-    choice_samples,
     text_choice_records,
     write_text_choices,
 )
+from lit_mllm.eval.choice import ChoiceAccuracy, TextChoices, choice_samples
 from lit_mllm.eval.metrics import EvalOutputs
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from tests.test_generation_families import FAMILIES

@@ -3,7 +3,6 @@
 one that hands rank 0 what another instance sent. The splits cut across the groups the metrics form (an MME
 image's two questions, an MMBench question's rotations, the CIDEr-D corpus' document frequencies)."""
 
-
 import pytest
 import torch
 

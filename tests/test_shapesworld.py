@@ -518,7 +518,8 @@ def test_cli_writes_with_the_new_options(tmp_path):
     meta = json.loads((tmp_path / "sw" / "shapesworld.json").read_text())
     assert meta["generator"]["grid"] == 3 and meta["generator"]["small_px"] == [4, 6]
     assert sorted(f for f in meta["files"] if f.endswith(".jsonl")) == sorted(
-        f"{kind}_{split}.jsonl" for kind in ("grounding", "text") for split in SPLITS
+        [f"{kind}_{split}.jsonl" for kind in ("grounding", "text") for split in SPLITS]
+        + [f"text_choice_{split}.jsonl" for split in ("val", "test")]
     )
     assert len(list((tmp_path / "sw" / "images").glob("*.png"))) == 7
     with pytest.raises(SystemExit):

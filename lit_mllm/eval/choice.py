@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import random
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,9 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_mllm.data.sample import DataError, Sample
-from lit_mllm.data.shapesworld import cell_names
-from lit_mllm.data.shapesworld_formats import CORNERS
-from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, article
 from lit_mllm.data.sources import Source, _json_object
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs
 from lit_mllm.nn.language.chat import IGNORE_INDEX, Turn
@@ -214,98 +209,3 @@ class ChoiceAccuracy(EvalMetric):
         complete = [q for q, s in scores.items() if len(s) == expected[q][0]]
         right = sum(max(scores[q], key=scores[q].get) == expected[q][1] for q in complete)
         return torch.tensor(right / max(len(complete), 1), device=self.device)
-
-
-# -- a small set from ShapesWorld's text facts ----------------------------------------------------------------
-def _options(right: str, pool: list[str], rng: random.Random, k: int = 4) -> tuple[list[str], int]:
-    """``right`` and ``k - 1`` other members of ``pool``, shuffled; the right one's index."""
-    options = [right] + rng.sample([p for p in pool if p != right], k - 1)
-    rng.shuffle(options)
-    return options, options.index(right)
-
-
-def _corners(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
-    shape = rng.choice(SHAPES)
-    return (
-        f"How many corners does {article(shape)} {shape} have?",
-        CORNERS[shape],
-        ["no", "two", "three", "four", "five"],
-    )
-
-
-def _colour_mix(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
-    mixes = {"orange": ("red", "yellow"), "purple": ("red", "blue"), "green": ("blue", "yellow")}
-    colour = rng.choice(sorted(mixes))
-    a, b = rng.sample(mixes[colour], 2)
-    return f"What colour is a mix of {a} and {b}?", colour, sorted(set(COLOURS) | set(mixes))
-
-
-def _counting(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
-    (c1, s1), (c2, s2) = rng.sample([(c, s) for c in COLOURS for s in SHAPES], 2)
-    a, b = rng.randint(1, 4), rng.randint(1, 4)
-    context = (
-        f"There {'is' if a == 1 else 'are'} {NUMBER_WORDS[a]} {c1} {s1}{'s' * (a > 1)} and {NUMBER_WORDS[b]} {c2} "
-        f"{s2}{'s' * (b > 1)}. How many shapes are there in all?"
-    )
-    return context, NUMBER_WORDS[a + b], list(NUMBER_WORDS[1:])
-
-
-def _position(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
-    cells = cell_names(grid)
-    p, q = rng.sample(range(grid * grid), 2)
-    (r1, k1), (r2, k2) = divmod(p, grid), divmod(q, grid)
-    (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(list(COLOURS), 2)
-    vertical = "above" if r1 < r2 else "below" if r1 > r2 else ""
-    horizontal = "to the left of" if k1 < k2 else "to the right of" if k1 > k2 else ""
-    relation = " and ".join(r for r in (vertical, horizontal) if r)
-    pool = [
-        " and ".join(r for r in (v, h) if r)
-        for v in ("above", "below", "")
-        for h in ("to the left of", "to the right of", "")
-    ]
-    context = (
-        f"{article(c1).capitalize()} {c1} {s1} is at the {cells[p]} and {article(c2)} {c2} {s2} is at the "
-        f"{cells[q]}. Where is the {c1} {s1}?"
-    )
-    return context, f"{relation} the {c2} {s2}", [f"{r} the {c2} {s2}" for r in pool if r]
-
-
-TEXT_CHOICE_KINDS = {
-    "corners": _corners,
-    "colour_mix": _colour_mix,
-    "counting": _counting,
-    "position": _position,
-}
-"""The kinds of question :func:`text_choice_records` asks, each a fact of ShapesWorld's text corpus."""
-
-
-def text_choice_records(count: int, seed: int = 0, grid: int = 2, num_options: int = 4) -> list[dict]:
-    """``count`` multiple-choice records (the :class:`TextChoices` format) about ShapesWorld's text facts, the
-    kinds in turn (meta ``kind``), drawn from ``seed``; ``grid`` as the world's (2 or 3)."""
-    rng = random.Random(seed)
-    kinds = list(TEXT_CHOICE_KINDS.items())
-    records = []
-    for i in range(count):
-        kind, make = kinds[i % len(kinds)]
-        context, right, pool = make(rng, grid)
-        options, answer = _options(right, pool, rng, num_options)
-        records.append(
-            {
-                "id": f"text_choice_{i:05d}",
-                "context": context,
-                "options": options,
-                "answer": answer,
-                "meta": {"kind": kind},
-            }
-        )
-    return records
-
-
-def write_text_choices(path: str | Path, count: int = 200, seed: int = 0, grid: int = 2) -> Path:
-    """Write :func:`text_choice_records` as JSON Lines to ``path`` (e.g. ``<root>/text_choice_val.jsonl``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "".join(json.dumps(r) + "\n" for r in text_choice_records(count, seed, grid)), encoding="utf-8"
-    )
-    return path
