@@ -12,6 +12,9 @@ import random
 from pathlib import Path
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_tokenizer"
+TINY_BERT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_bert_tokenizer"
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+"""BERT's special tokens and BLIP-2's ``[DEC]`` (the Q-Former's decoder start token, its ``bos_token``)."""
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -100,6 +103,44 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024):
     return fast
 
 
+def build_tiny_bert_tokenizer(out_dir: str | Path, vocab_size: int = 512):
+    """Train a tiny uncased WordPiece tokenizer (BERT's kind: ``[CLS] text [SEP]``, ``[PAD]`` = 0) with BLIP-2's
+    ``[DEC]`` as its ``bos_token``, for the Q-Former's text branch (BLIP-2 stage 1), and save it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+        model_max_length=512,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
 if __name__ == "__main__":  # regenerate the shipped files
     build_tiny_tokenizer(TINY_TOKENIZER_DIR)
     print(f"wrote {TINY_TOKENIZER_DIR}")
+    build_tiny_bert_tokenizer(TINY_BERT_TOKENIZER_DIR)
+    print(f"wrote {TINY_BERT_TOKENIZER_DIR}")
