@@ -266,7 +266,7 @@ def test_processor_gives_cls_caption_sep_and_truncates_keeping_sep():
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert tok.decode(ids[1:-1]) == "a small red circle at the top left."
     assert labels == [IGNORE_INDEX] + ids[1:]  # everything after [CLS] is predicted, [SEP] included
-    proc.max_length = 5
+    proc.max_caption_tokens = 5
     short, _ = proc.encode_text(caption_sample("A small red circle at the top left."))
     assert short == ids[:4] + [tok.sep_token_id]
     two = Sample("s1", [Turn("user", "<image><image>"), Turn("assistant", "x")], ["a.png", "b.png"], "test")
@@ -408,3 +408,41 @@ def test_connector_init_from_errors(tmp_path):
         QFormerConnector(32, 8, 4, 4, QF, 4, 64, init_from=str(path))  # four layers, stage 1 had three
     conn = QFormerConnector(32, 8, 4, 3, QF, 4, 64, init_from=str(path))
     assert torch.equal(conn.layers[2].ffn.fc1.weight, model.qformer.layers[2].ffn.fc1.weight)
+
+
+def stage1_args(root, out) -> list[str]:
+    """configs/model/blip2_stage1.yaml's documented command on a small ShapesWorld (32 px images)."""
+    return [
+        "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "model" / "blip2_stage1.yaml"),
+        "--data.init_args.train.shapesworld.init_args.path", "captions_train.json",
+        "--data.init_args.val.shapesworld.init_args.path", "captions_val.json", "--data.init_args.test", "null",
+        *cli_args(root, out, batch_size=4), "--model.init_args.vision_tower.init_args.image_size", "32",
+    ]  # fmt: skip
+
+
+def test_the_fit_command_describe_and_what_is_not_supported(shapes_root, tmp_path):
+    from lit_mllm.cli import run
+    from lit_mllm.commands import describe
+    from lit_mllm.training.export import UnsupportedExport, check_llava_exportable
+    from lit_mllm.training.memory import estimate_memory
+
+    cli = run(["fit", *stage1_args(shapes_root, tmp_path), "--trainer.fast_dev_run", "1"])
+    assert cli.trainer.state.finished and isinstance(cli.model, QFormerPretraining)
+    assert torch.isfinite(cli.trainer.callback_metrics["val/itc_r1"])
+    facts = describe.main(stage1_args(shapes_root, tmp_path))
+    assert facts["image_tokens"] == 32 and facts["params_trainable/vision_tower"] == 0
+    assert facts["params_trainable/qformer"] == facts["params/qformer"] > 0
+    with pytest.raises(UnsupportedExport, match="not a PrefixFusionVLM"):
+        check_llava_exportable(cli.model)
+    with pytest.raises(TypeError, match="covers prefix-fusion models"):
+        estimate_memory(cli.model, batch_size=2)
+
+
+def test_shipped_bert_tokenizer_is_reproducible(tmp_path):
+    import json
+
+    from lit_mllm.nn.language.tokenizer import TINY_BERT_TOKENIZER_DIR, build_tiny_bert_tokenizer
+
+    build_tiny_bert_tokenizer(tmp_path)
+    shipped = json.loads((TINY_BERT_TOKENIZER_DIR / "tokenizer.json").read_text())
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"] == shipped["model"]

@@ -71,8 +71,11 @@ DECODER_START_TOKEN = "[DEC]"
 @dataclass
 class CaptionProcessor(Processor):
     """A sample -> ``[CLS] caption [SEP]`` ids (the caption is the last reply, or a document's text) and its one
-    image; no image tokens in the text. Captions longer than ``max_length`` are cut, keeping ``[SEP]`` (BLIP-2
-    truncates at 32 tokens)."""
+    image; no image tokens in the text. Captions longer than ``max_caption_tokens`` (or a smaller ``max_length``
+    set by the DataModule) are cut, keeping ``[SEP]``, as BLIP-2 cuts them at 32 tokens."""
+
+    max_caption_tokens: int = 32
+    """Caption tokens kept, ``[CLS]`` and ``[SEP]`` included."""
 
     def encode_text(
         self, sample: Sample, crops: list[int] | None = None, for_generation: bool = False
@@ -90,8 +93,9 @@ class CaptionProcessor(Processor):
         if not text:
             raise sample.fail("empty caption", "no_supervision")
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if self.max_length is not None and len(ids) > self.max_length:
-            ids = ids[: self.max_length - 1] + ids[-1:]
+        keep = min(self.max_caption_tokens, self.max_length or self.max_caption_tokens)
+        if len(ids) > keep:
+            ids = ids[: keep - 1] + ids[-1:]
         return ids, [IGNORE_INDEX] + ids[1:]  # [CLS] is replaced by [DEC] and never predicted
 
 
@@ -206,7 +210,7 @@ class QFormerPretraining(L.LightningModule):
             image_token="<image>",
             image_token_id=-1,  # no image tokens in the text
             tokens_per_image=0,
-            max_length=self.max_text_length,
+            max_caption_tokens=self.max_text_length,
         )
 
     def describe(self) -> dict[str, int | str]:

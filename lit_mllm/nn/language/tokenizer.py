@@ -104,19 +104,33 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024):
 
 
 def build_tiny_bert_tokenizer(out_dir: str | Path, vocab_size: int = 512):
-    """Train a tiny uncased WordPiece tokenizer (BERT's kind: ``[CLS] text [SEP]``, ``[PAD]`` = 0) with BLIP-2's
-    ``[DEC]`` as its ``bos_token``, for the Q-Former's text branch (BLIP-2 stage 1), and save it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Build a tiny uncased WordPiece tokenizer (BERT's kind: ``[CLS] text [SEP]``, ``[PAD]`` = 0) with BLIP-2's
+    ``[DEC]`` as its ``bos_token``, for the Q-Former's text branch (BLIP-2 stage 1), and save it.
+
+    The vocabulary is chosen, not trained (the WordPiece trainer breaks ties differently from run to run): the
+    special tokens, every printable ASCII character alone and as a ``##`` continuation, then the corpus' words (and
+    ShapesWorld's "diamond") by frequency, then alphabetically, up to ``vocab_size``. Any text encodes; a word
+    outside the vocabulary becomes characters."""
+    import string
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word
+        for line in [*_corpus(), "diamond diamonds"]
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens = [*BERT_SPECIAL_TOKENS, *chars, *("##" + c for c in chars), *words][:vocab_size]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
