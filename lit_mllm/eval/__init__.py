@@ -19,6 +19,7 @@ from lit_mllm.eval.metrics import (
     reply_exact_match,
 )
 from lit_mllm.eval.predictions import PredictionWriter
+from lit_mllm.eval.samples import GenerationSamples
 from lit_mllm.eval.vqa import VQAAccuracy
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "EvalOutputs",
     "GeneratedExactMatch",
     "GenerationConfig",
+    "GenerationSamples",
     "GroundingAccuracy",
     "MMEScore",
     "option_letter",
