@@ -23,13 +23,7 @@ from lit_mllm.eval.metrics import EvalOutputs
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from tests.test_generation_families import FAMILIES
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def by_hand(model, context: str, option: str) -> tuple[float, int]:

@@ -33,13 +33,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 LLMS = [TinyLlama, TinyQwen2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def build(cls=CogVLM, lm=TinyLlama, stage: Stage | None = None, **kwargs):

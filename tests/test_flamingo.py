@@ -32,12 +32,7 @@ IMAGE = 99  # a marker id in the hand-made sequences
 CONFIGS = ["--config", "configs/quickstart.yaml", "--config", "configs/model/flamingo.yaml"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def tiny_flamingo(

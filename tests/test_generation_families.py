@@ -21,13 +21,7 @@ from tests.test_cogvlm import perturb_experts
 from tests.test_flamingo import set_gates, tiny_flamingo
 from tests.test_owl3 import tiny_owl3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def flamingo():

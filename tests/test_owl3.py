@@ -27,12 +27,7 @@ LM = dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 CONFIGS = ["--config", "configs/quickstart.yaml", "--config", "configs/model/owl3.yaml"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def tiny_owl3(layers=(0, 2), stage: Stage | None = None, **lm) -> MPLUGOwl3VLM:
