@@ -1,5 +1,5 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, and ShapesWorld."""
+(tokenize + expand image tokens), collation and packing, the DataModule, streaming shards, and ShapesWorld."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.collate import collate, pack
@@ -9,6 +9,7 @@ from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.shapesworld import ShapesWorld
+from lit_mllm.data.shards import StreamingShards
 from lit_mllm.data.sources import (
     Captions,
     Conversations,
@@ -44,6 +45,7 @@ __all__ = [
     "Sample",
     "ShapesWorld",
     "Source",
+    "StreamingShards",
     "TaskTemplate",
     "TextOnly",
     "Batch",
