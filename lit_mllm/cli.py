@@ -77,7 +77,9 @@ COMMANDS: dict[str, Command] = {
         "a trained model as a transformers LLaVA folder, or safetensors + config",
     ),
     "data": Command(
-        "lit_mllm.commands.data", "shapesworld --out DIR", "write the generated ShapesWorld dataset"
+        "lit_mllm.commands.data",
+        "shapesworld --out DIR | optimize --config FILE --out DIR",
+        "write the generated ShapesWorld dataset, or a config's sources as streaming shards",
     ),
 }
 

@@ -1,6 +1,6 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, ShapesWorld, and readers for benchmark
-files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE)."""
+(tokenize + expand image tokens), collation and packing, the DataModule, streaming shards, ShapesWorld, and readers
+for benchmark files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE)."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.benchmarks import GQA, MME, POPE, COCOCaptions, MMBench, RefCOCO, TextVQA, VQAv2
@@ -11,6 +11,7 @@ from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.shapesworld import ShapesWorld
+from lit_mllm.data.shards import StreamingShards
 from lit_mllm.data.sources import (
     Captions,
     Conversations,
@@ -52,6 +53,7 @@ __all__ = [
     "Sample",
     "ShapesWorld",
     "Source",
+    "StreamingShards",
     "TaskTemplate",
     "TextOnly",
     "TextVQA",
