@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lit_mllm.data import ShapesWorld
-from lit_mllm.data.shapesworld import CELLS, COLOURS, NUMBER_WORDS, SHAPES, TEXT_COLOUR, cell_names
+from lit_mllm.data.shapesworld import COLOURS, NUMBER_WORDS, SHAPES, TEXT_COLOUR
 from lit_mllm.data.shapesworld_formats import referring_phrase
+from lit_mllm.data.shapesworld_scene import CELLS, cell_names
 
 OLD_FILES = ["train.json", "val.json", "test.json", "captions_train.json", "captions_val.json"]
 SPLITS = ("train", "val", "test")

@@ -40,9 +40,17 @@ from typing import Literal, get_args
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, Label, Scene, Thing, article
+from lit_mllm.data.shapesworld_scene import (
+    COLOURS,
+    NUMBER_WORDS,
+    SHAPES,
+    Label,
+    Scene,
+    Thing,
+    article,
+    cell_names,
+)
 
-CELLS = ("top left", "top right", "bottom left", "bottom right")  # the cells of the 2 x 2 grid
 QUESTION_KINDS = ("colour", "shape", "count", "position", "existence")
 ALL_KINDS = (*QUESTION_KINDS, "text", "caption", "both", "most", "which", "total")
 """Every ``meta.kind`` a ShapesWorld record names: the single-image question kinds, the drawn word, the caption
@@ -51,14 +59,6 @@ TEXT_COLOUR = (0, 0, 0)  # the drawn word: no object has this colour
 
 Extra = Literal["caption_shards", "caption_manifests", "interleaved", "text_only", "grounding"]
 EXTRAS: tuple[Extra, ...] = get_args(Extra)
-
-
-def cell_names(grid: int) -> tuple[str, ...]:
-    """Names of the cells of a ``grid`` x ``grid`` layout, row by row ("top left", ..., "center", ...)."""
-    if grid == 2:
-        return CELLS
-    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
-    return tuple("center" if (r, c) == ("middle", "center") else f"{r} {c}" for r in rows for c in cols)
 
 
 def _draw(draw: ImageDraw.ImageDraw, thing: Thing, fill: tuple[int, int, int] | int) -> None:

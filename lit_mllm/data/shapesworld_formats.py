@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, Scene, Thing, article
+from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, Scene, Thing, article, cell_names
 
 if TYPE_CHECKING:
     from lit_mllm.data.shapesworld import Extra, ShapesWorld
@@ -493,8 +493,6 @@ def _choice_counting(rng: random.Random, grid: int) -> tuple[str, str, list[str]
 
 
 def _choice_position(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
-    from lit_mllm.data.shapesworld import cell_names
-
     cells = cell_names(grid)
     p, q = rng.sample(range(grid * grid), 2)
     (r1, k1), (r2, k2) = divmod(p, grid), divmod(q, grid)

@@ -46,3 +46,14 @@ class Label:
 class Scene:
     things: list[Thing]
     label: Label | None = None
+
+
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # the cells of the 2 x 2 grid
+
+
+def cell_names(grid: int) -> tuple[str, ...]:
+    """Names of the cells of a ``grid`` x ``grid`` layout, row by row ("top left", ..., "center", ...)."""
+    if grid == 2:
+        return CELLS
+    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
+    return tuple("center" if (r, c) == ("middle", "center") else f"{r} {c}" for r in rows for c in cols)
