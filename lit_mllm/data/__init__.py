@@ -1,9 +1,11 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, and ShapesWorld."""
+(tokenize + expand image tokens), collation and packing, the DataModule, ShapesWorld, and the frozen-tower
+feature cache."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.collate import collate, pack
 from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import AnyRes, Catty, ImageLayout, Letterbox, MM1SubImages, Resize, ResizeCrop
 from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
@@ -27,6 +29,7 @@ __all__ = [
     "Conversations",
     "DataError",
     "DatasetGenerator",
+    "FeatureCache",
     "Grounding",
     "ImageLayout",
     "Interleaved",
