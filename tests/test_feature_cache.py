@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lit_mllm.data import FeatureCache, Letterbox, MM1SubImages, ShapesWorld, collate, read_llava
-from lit_mllm.data.feature_cache import CacheKeyMismatch, _read_header as read_header, image_key
+from lit_mllm.data.feature_cache import CacheKeyMismatch, image_key, read_header
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
 from lit_mllm.training.stages import Milestone, StageSchedule
@@ -69,7 +69,9 @@ def test_cached_run_trains_exactly_as_an_uncached_run(small_root, tmp_path, capl
         cold = cached_model(tmp_path)
         cold_losses = fit_losses(cold, small_root)
     assert "epoch 1: feature cache served 8 of 8 tower inputs from the cache (0 computed)" in caplog.text
-    assert "feature cache partly served the run: 8 of 16 tower inputs from the cache (8 computed)" in caplog.text
+    assert (
+        "feature cache partly served the run: 8 of 16 tower inputs from the cache (8 computed)" in caplog.text
+    )
     warm = cached_model(tmp_path)
     warm_losses = fit_losses(warm, small_root)
     assert (warm.feature_cache.run.hits, warm.feature_cache.run.misses) == (16, 0)
@@ -94,7 +96,9 @@ def test_half_precision_storage_serves_the_same_features_cold_and_warm(shapes_ro
         )
         cold.feature_cache.flush()
         warm = cached_model(tmp_path, "bfloat16")
-        assert torch.equal(warm.encode_images(batch.pixel_values, batch.image_keys), cold.connector(cold_features))
+        assert torch.equal(
+            warm.encode_images(batch.pixel_values, batch.image_keys), cold.connector(cold_features)
+        )
     assert warm.feature_cache.run.misses == 0
     assert cold_features.dtype == torch.float32
     assert torch.equal(cold_features, reference.bfloat16().float())
@@ -196,7 +200,9 @@ def test_a_damaged_shard_is_refused_and_rebuilt(shapes_root, tmp_path, damage):
     counts = model.feature_cache.run
     assert counts.misses == 4 if damage != "flip" else counts.misses >= 1
     assert shard.with_suffix(".refused").exists() and not shard.exists()
-    lookup(model, batch)  # entries the refused shard served before its fault are computed again when next asked
+    lookup(
+        model, batch
+    )  # entries the refused shard served before its fault are computed again when next asked
     model.feature_cache.flush()  # rebuilt: a new shard that a fresh run reads whole
     assert lookup(cached_model(tmp_path), batch) == (4, 0)
 
@@ -299,3 +305,27 @@ def test_a_tower_unfrozen_behind_the_stage_stops_the_run(shapes_root, tmp_path):
     model.vision_tower.requires_grad_(True)
     with pytest.raises(RuntimeError, match="unfroze the tower"):
         model.encode_images(batch.pixel_values, batch.image_keys)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+def test_benchmark_smallest(capsys):
+    """benchmarks/feature_cache.py end to end at tiny sizes: the cached run fills the cache in epoch 1 and reads
+    all of it in epoch 2, the next arm reads all of it in its first epoch, and the cached run trains as the uncached
+    one does (within bfloat16's rounding of the features). Times are not asserted."""
+    from tests.test_benchmarks_smoke import headline, load
+
+    bench = load("feature_cache")
+    argv = ["--device", "cpu", "--samples", "8", "--batch", "4", "--epochs", "2", "--image-size", "32"]
+    argv += ["--vision-dim", "32", "--vision-layers", "2", "--vision-heads", "2", "--llm-dim", "64"]
+    argv += ["--out-tokens", "4", "--threads", str(torch.get_num_threads())]
+    args = bench.parse(argv)
+    result = bench.run(args)
+    returned = bench.report(result, args)
+    assert headline(capsys.readouterr().out, "feature_cache_speedup") == pytest.approx(returned, abs=0.005)
+    plain, cached, second = result["fits"]
+    assert cached.served == [(0, 8), (8, 0)] and second.served == [(8, 0)]
+    assert plain.served == [] and len(plain.epoch_seconds) == len(cached.epoch_seconds) == 2
+    assert cached.last_epoch_loss == pytest.approx(plain.last_epoch_loss, rel=1e-2)
+    assert (
+        0 < result["cache_bytes"] - 8 * 16 * 32 * 2 < 4096
+    )  # 8 entries [16, 32] in bf16, and a shard header

@@ -141,7 +141,7 @@ class _Store:
 
     def _open(self, path: Path) -> None:
         try:
-            header, offset = _read_header(path)
+            header, offset = read_header(path)
             if header.get("key") != self.digest or header.get("dtype") != self.dtype:
                 raise ValueError(f"written for key {header.get('key')} / {header.get('dtype')}")
             count, shape = int(header["count"]), tuple(header["shape"])
@@ -243,7 +243,7 @@ def _write_atomic(path: Path, head: bytes, body: np.ndarray | None = None) -> No
             tmp.unlink()
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path) -> tuple[dict, int]:
     """(header, data offset) of a shard; ValueError when it is not one."""
     with open(path, "rb") as f:
         head = f.read(len(MAGIC) + 8)
