@@ -51,6 +51,11 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(
         LIGHTNING, "--config FILE --ckpt_path CKPT", "generate replies (predictions.jsonl)", lightning=True
     ),
+    "evaluate": Command(
+        "lit_mllm.commands.evaluate",
+        "--config FILE --ckpt_path CKPT [--split val|test]",
+        "score a model on a split with the config's metrics; a JSON report of scores and what produced them",
+    ),
     "describe": Command(
         "lit_mllm.commands.describe",
         "--config FILE",
@@ -72,7 +77,9 @@ COMMANDS: dict[str, Command] = {
         "a trained model as a transformers LLaVA folder, or safetensors + config",
     ),
     "data": Command(
-        "lit_mllm.commands.data", "shapesworld --out DIR", "write the generated ShapesWorld dataset"
+        "lit_mllm.commands.data",
+        "shapesworld --out DIR | optimize --config FILE --out DIR",
+        "write the generated ShapesWorld dataset, or a config's sources as streaming shards",
     ),
 }
 

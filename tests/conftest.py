@@ -49,6 +49,16 @@ def model() -> PrefixFusionVLM:
     return tiny_model()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models run
+    fastest on one thread; on a shared machine more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_hub(tmp_path_factory):
     """Tiny checkpoints standing in for every hub name the shipped configs use (see tests/stand_ins.py)."""

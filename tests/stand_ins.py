@@ -27,6 +27,7 @@ HF_STAND_INS = {
     "huggyllama/llama-7b": "llama",
     "facebook/dinov2-large": "dinov2",
     "google/siglip-so400m-patch14-384": "siglip",
+    "bert-base-uncased": "bert_tokenizer",  # BLIP-2 stage 1's text tokenizer: the tiny WordPiece one
 }
 OPEN_CLIP_STAND_INS = {  # (model_name, pretrained) -> tiny open_clip folder, loaded as local-dir:
     ("ViT-bigG-14", "laion2b_s39b_b160k"): "openclip224",
@@ -117,7 +118,7 @@ def build_tiny_hub(root: Path) -> Path:
         SiglipVisionModel,
     )
 
-    from lit_mllm.nn.language.tokenizer import TINY_TOKENIZER_DIR
+    from lit_mllm.nn.language.tokenizer import TINY_BERT_TOKENIZER_DIR, TINY_TOKENIZER_DIR
 
     torch.manual_seed(0)
     vision = dict(
@@ -155,4 +156,5 @@ def build_tiny_hub(root: Path) -> Path:
         "timm_pool": "token",
     }
     save_open_clip(root / "openclip_eva224", {**eva, "timm_proj": None})
+    AutoTokenizer.from_pretrained(TINY_BERT_TOKENIZER_DIR).save_pretrained(root / "bert_tokenizer")
     return root

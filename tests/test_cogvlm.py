@@ -33,13 +33,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 LLMS = [TinyLlama, TinyQwen2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def build(cls=CogVLM, lm=TinyLlama, stage: Stage | None = None, **kwargs):
@@ -336,22 +330,3 @@ def test_memory_estimator_and_llava_export_refuse_and_safetensors_export_round_t
     batch = batch_of(cog, shapes_root)
     with torch.no_grad():
         assert torch.equal(again(batch), cog.eval()(batch))
-
-
-# -- DDP: a text-only rank beside an image rank ------------------------------------------------------------------
-def test_ddp_with_a_text_only_rank_trains_the_experts_in_step(shapes_root, tmp_path):
-    """Lightning's default DDP (find_unused_parameters=False), rank 0 text only: the run finishes, both ranks end
-    with the same weights, the experts and the connector trained, the LLM's own weights did not."""
-    from tests.test_distributed import STEPS, ddp_fit
-
-    model = build(optimizer=partial(torch.optim.SGD, lr=0.5))
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    ddp_fit(model, shapes_root, tmp_path)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["images"] == [False] * STEPS and ranks[1]["images"] == [True] * STEPS
-    p0, p1 = (torch.load(tmp_path / f"params{r}.pt", weights_only=True) for r in range(2))
-    for name in p0:
-        assert torch.equal(p0[name], p1[name]), name
-    changed = {n for n in p0 if not torch.equal(p0[n], initial[n])}
-    assert changed and all(n.startswith("connector.") or ".image." in n for n in changed)
-    assert any(".image." in n for n in changed) and any(n.startswith("connector.") for n in changed)

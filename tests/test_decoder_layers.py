@@ -207,8 +207,6 @@ def test_layer_inputs_are_checked():
     lm = tiny()
     with pytest.raises(TypeError, match="must be a LayerInputs"):
         lm(torch.randn(1, 3, WIDTH), layer_inputs={"shift": None})
-    with pytest.raises(ValueError, match="num_beams=1"):
-        lm.generate(torch.randn(1, 3, WIDTH), torch.ones(1, 3, dtype=torch.long), Probe(), num_beams=2)
 
 
 # -- where the wrappers sit ------------------------------------------------------------------------------------

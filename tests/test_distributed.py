@@ -1,12 +1,17 @@
 """Distributed training on CPU: two DDP processes (gloo), one rank fed only text-only samples, the other only
-samples with images, under Lightning's default DDP settings (``find_unused_parameters=False``).
+samples with images, under Lightning's default DDP settings (``find_unused_parameters=False``), for every family
+(prefix, Flamingo, mPLUG-Owl3, CogVLM), every part of each training.
 
-The prefix family runs a blank image through the image path on a text-only batch under DDP (its contribution is
-exactly zero), so every trainable parameter takes part in every backward pass on every rank. Checked here: the
-run finishes (no "parameters that did not receive grad" error, no hang), both ranks end with the same
-parameters, and those equal an independent single-process replay (the mean of the two ranks' losses, one
-optimizer step per step); the ranks draw disjoint samples that together are the mixture plan's first global
-batches. A control run without the blank image fails with DDP's unused-parameter error, so the check can fail.
+Under DDP a text-only batch runs a blank image through the tower and connector (the base's ``needs_blank_image``;
+its contribution is exactly zero), and each family's own weights take part without an image (Flamingo's blocks and
+gates and mPLUG-Owl3's hyper-attention on an all-zero image nobody sees, CogVLM's experts on no rows), so every
+trainable parameter takes part in every backward pass on every rank. Checked here, per family: on one process,
+a text-only batch gives every trainable parameter a gradient (without the blank image exactly the tower's and
+connector's lack one); on two, the run finishes (no "parameters that did not receive grad" error, no hang), both
+ranks end with the same parameters, every part moved, and they equal an independent single-process replay (the
+mean of the two ranks' losses, one optimizer step per step); the ranks draw disjoint samples that together are
+the mixture plan's first global batches. A control run without the blank image fails with DDP's unused-parameter
+error, so the check can fail.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import importlib.util
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -26,17 +32,50 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lit_mllm.commands.lightning import LitMLLMCLI, build_cli
-from lit_mllm.data import Batch, Conversations, MixtureData
+from lit_mllm.data import Batch, Conversations, MixtureData, collate
 from lit_mllm.data.sample import Turn
-from lit_mllm.lit import PrefixFusionVLM
+from lit_mllm.lit import CogVLM, FlamingoVLM, MPLUGOwl3VLM, PrefixFusionVLM, VLMModule
+from lit_mllm.nn.connectors import LinearConnector, PerceiverResampler
+from lit_mllm.nn.fusion import GatedCrossAttentionBlock
 from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.training import Stage
+from lit_mllm.training.stages import resolve
 
 STEPS = 2
 BATCH = 2
 SEED = 3
-STAGE = Stage(name="all", trainable=["vision_tower", "connector", "language_model"])
+BASE_PARTS = ["vision_tower", "connector", "language_model"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's tiny model in these tests: its class, its arguments beyond the tower, the LLM and the stage, and
+    its own part (nested in ``language_model``), if any."""
+
+    cls: type[VLMModule]
+    options: dict = field(default_factory=dict)
+    part: str | None = None
+
+    def all_parts(self) -> Stage:
+        """Every part trains (the family's own part named: an unnamed nested part stays frozen)."""
+        return Stage(name="all", trainable=BASE_PARTS + ([self.part] if self.part else []))
+
+
+FAMILIES = {
+    "prefix": Family(PrefixFusionVLM),
+    "flamingo": Family(
+        FlamingoVLM,
+        dict(
+            connector=partial(PerceiverResampler, num_latents=4, num_layers=1, num_heads=2, head_dim=16),
+            xattn=partial(GatedCrossAttentionBlock, num_heads=2, head_dim=16),
+            cross_attn_every=1,
+        ),
+        "xattn",
+    ),
+    "owl3": Family(MPLUGOwl3VLM, dict(connector=LinearConnector, hyper_layers=[1]), "hyper_attention"),
+    "cogvlm": Family(CogVLM, {}, "visual_expert"),
+}
 
 
 class TextView(Conversations):
@@ -111,15 +150,23 @@ class NoBlankImage(PrefixFusionVLM):
         return False
 
 
-def build(cls=PrefixFusionVLM, stage: Stage = STAGE, num_layers: int = 2, optimizer=None) -> PrefixFusionVLM:
-    """The tiny model (SGD unless ``optimizer``); ``num_layers`` tower blocks before the cut at the penultimate
-    layer."""
+def build(
+    family: str = "prefix",
+    stage: Stage | None = None,
+    num_layers: int = 2,
+    optimizer=None,
+    cls: type[VLMModule] | None = None,
+) -> VLMModule:
+    """The family's tiny model (seeded), every part training unless ``stage``, SGD unless ``optimizer``;
+    ``num_layers`` tower blocks before the cut at the penultimate layer; ``cls`` a subclass of the family's."""
+    spec = FAMILIES[family]
     torch.manual_seed(0)
-    return cls(
+    return (cls or spec.cls)(
         TinyCLIPVision(image_size=32, patch_size=8, hidden_size=32, num_layers=num_layers, num_heads=2),
         TinyLlama(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
-        stage=stage,
+        stage=stage or spec.all_parts(),
         optimizer=optimizer or partial(torch.optim.SGD, lr=0.5),
+        **spec.options,
     )
 
 
@@ -150,7 +197,7 @@ def run_forked(fn, args: tuple, nprocs: int, limit_s: float = 300) -> None:
             raise TimeoutError(f"{fn.__name__} still running after {limit_s} s")
 
 
-def ddp_fit(model: PrefixFusionVLM, root: Path, out: Path, timeout_s: int = 60) -> None:
+def ddp_fit(model: VLMModule, root: Path, out: Path, timeout_s: int = 60) -> None:
     data = ByRank(
         str(root),
         train={"shapesworld": Conversations("train.json")},
@@ -176,10 +223,10 @@ def ddp_fit(model: PrefixFusionVLM, root: Path, out: Path, timeout_s: int = 60) 
         trainer.fit(model, data)
 
 
-def replay(batches: list[list[Batch]]) -> dict[str, torch.Tensor]:
+def replay(family: str, batches: list[list[Batch]]) -> dict[str, torch.Tensor]:
     """One process, no DDP: each step minimises the mean of the ranks' losses (what DDP's gradient averaging
     does); on the text-only batch the image path simply gets no gradient."""
-    model = build()
+    model = build(family)
     model.train()
     optimizer = model.configure_optimizers()
     for step in range(STEPS):
@@ -194,16 +241,75 @@ def replay(batches: list[list[Batch]]) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.fixture(scope="module")
-def ddp_run(shapes_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    ddp_fit(build(), shapes_root, out)
+def part_params(model: VLMModule) -> dict[str, set[str]]:
+    """The state-dict names of each part's parameters (a nested part's are in its outer part's too)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    parts = model.parts()
+    return {
+        part: {names[id(p)] for module in resolve(parts, part) for p in module.parameters()} for part in parts
+    }
+
+
+# -- one process: a text-only batch reaches every trainable parameter ---------------------------------------------
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group: ``torch.distributed`` initialised, as under DDP (what ``needs_blank_image`` reads)."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
+    )
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def text_only_grads(model: VLMModule, root: Path) -> set[str]:
+    """One backward pass of ``model`` (training) on two ShapesWorld samples without their images; the names of
+    the trainable parameters left without a gradient."""
+    processor = model.processor()
+    source = TextView("train.json").open(root)
+    items = [processor(source.sample(i, processor.image_token)) for i in range(2)]
+    batch = collate(items, pad_token_id=processor.tokenizer.pad_token_id)
+    assert batch.pixel_values is None and sum(batch.images_per_row) == 0
+    model.train()
+    logits, target, _ = model.supervised_logits(batch)
+    F.cross_entropy(logits.float(), target).backward()
+    return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+@pytest.mark.parametrize("stage", ["all", "default"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_under_ddp_a_text_only_batch_gives_every_trainable_parameter_a_gradient(
+    family, stage, process_group, shapes_root
+):
+    """Every part training, and the family's default stage (e.g. Flamingo's connector + blocks, the LLM frozen)."""
+    model = build(family, stage=FAMILIES[family].cls.default_stage() if stage == "default" else None)
+    assert model.needs_blank_image()
+    assert sum(p.requires_grad for p in model.parameters()) > 0
+    assert text_only_grads(model, shapes_root) == set()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_ddp_a_text_only_batch_leaves_exactly_the_vision_path_without_gradients(family, shapes_root):
+    """The control of the test above: no process group, no blank image. The tower and the connector get no
+    gradient; everything else does, the family's own part included (its mechanism runs without an image)."""
+    model = build(family)
+    assert not model.needs_blank_image()
+    params = part_params(model)
+    assert text_only_grads(model, shapes_root) == params["vision_tower"] | params["connector"]
+
+
+# -- two processes: a text-only rank beside an image rank ----------------------------------------------------------
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def ddp_run(request, shapes_root, tmp_path_factory):
+    family = request.param
+    out = tmp_path_factory.mktemp(f"ddp-{family}")
+    ddp_fit(build(family), shapes_root, out)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return out, ranks
+    return family, out, ranks
 
 
 def test_text_only_rank_and_image_rank_train_in_step(ddp_run):
-    out, ranks = ddp_run
+    """The run finished; both ranks hold the same parameters, and every part (the family's own included) moved."""
+    family, out, ranks = ddp_run
     assert ranks[0]["images"] == [False] * STEPS  # rank 0 saw only text-only batches
     assert ranks[1]["images"] == [True] * STEPS  # rank 1 only batches with images
     p0, p1 = (torch.load(out / f"params{r}.pt", weights_only=True) for r in range(2))
@@ -212,22 +318,27 @@ def test_text_only_rank_and_image_rank_train_in_step(ddp_run):
         torch.testing.assert_close(
             p0[name], p1[name], rtol=0, atol=0, msg=f"{name} differs between the ranks"
         )
-    initial = build().state_dict()
-    changed = {n.split(".")[0] for n in p0 if not torch.equal(p0[n], initial[n])}
-    assert changed == {"vision_tower", "connector", "language_model"}
+    model = build(family)
+    initial = model.state_dict()
+    changed = {n for n in p0 if not torch.equal(p0[n], initial[n])}
+    parts = part_params(model)
+    assert set(parts) == set(FAMILIES[family].all_parts().trainable)  # every part trained
+    for part, names in parts.items():
+        assert names & changed, f"no parameter of {part} moved"
 
 
 def test_ddp_step_equals_the_single_process_replay(ddp_run):
-    out, _ = ddp_run
+    family, out, _ = ddp_run
     batches = [torch.load(out / f"batches{r}.pt", weights_only=False) for r in range(2)]
-    expected = replay(batches)
+    expected = replay(family, batches)
     trained = torch.load(out / "params0.pt", weights_only=True)
+    assert trained.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=f"{name}")
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=f"{family}: {name}")
 
 
 def test_ranks_draw_disjoint_shares_of_one_plan(ddp_run, shapes_root):
-    _, ranks = ddp_run
+    _, _, ranks = ddp_run
     ids0 = [i for b in ranks[0]["ids"] for i in b]
     ids1 = [i for b in ranks[1]["ids"] for i in b]
     assert not set(ids0) & set(ids1)
@@ -248,7 +359,7 @@ def test_without_the_blank_image_ddp_refuses_the_text_only_rank(shapes_root, tmp
     process group's timeout, short here; the text-only rank's next step fails with DDP's "parameters that
     were not used in producing loss" error. Which of the two the main process reports first varies."""
     with pytest.raises(Exception):  # noqa: B017 - rank 0's own error is read below
-        ddp_fit(build(NoBlankImage), shapes_root, tmp_path, timeout_s=10)
+        ddp_fit(build(cls=NoBlankImage), shapes_root, tmp_path, timeout_s=10)
     assert (
         "Expected to have finished reduction in the prior iteration" in (tmp_path / "error0.txt").read_text()
     )

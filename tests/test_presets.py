@@ -27,7 +27,7 @@ import yaml
 from lit_mllm.cli import run
 from lit_mllm.commands.lightning import LitMLLMCLI, build_cli
 from lit_mllm.config_stack import stack_configs
-from lit_mllm.lit import VLMModule
+from lit_mllm.lit import QFormerPretraining, VLMModule
 from lit_mllm.training.stages import resolve
 from tests.conftest import cli_args
 from tests.stand_ins import with_stand_ins
@@ -41,6 +41,13 @@ TINY = sorted(PRESETS.glob("*.yaml"))
 REAL = sorted((PRESETS / "real").glob("*.yaml"))
 TINY_BASE, REAL_BASE = PRESETS / "prefix.yaml", PRESETS / "real" / "prefix.yaml"
 PARTS = ("vision_tower", "language_model", "connector")
+FAMILIES = (VLMModule, QFormerPretraining)  # QFormerPretraining (BLIP-2 stage 1) has no LLM and no connector
+
+
+def parts_of(model: dict) -> list[str]:
+    """The PARTS a preset's model has (BLIP-2 stage 1: the tower only; its Q-Former is its own)."""
+    return [p for p in PARTS if p in model["init_args"]]
+
 
 # Image tokens per image each preset promises in its header (tiny: 64 px towers; real: the published geometry).
 TINY_TOKENS = {
@@ -58,6 +65,7 @@ TINY_TOKENS = {
     "cogvlm": 64,
     "flamingo": 1,  # one <image> marker per image; its 16 visual tokens reach the LLM through cross-attention
     "owl3": 1,  # one <image> marker per image; its 64 visual tokens reach the LLM through hyper-attention
+    "blip2_stage1": 32,  # no LLM: the Q-Former's query outputs per image (what stage 2 hands the LLM)
 }
 REAL_TOKENS = {
     "prefix": 576,  # LLaVA-1.5-7B: CLIP-L/336
@@ -74,6 +82,7 @@ REAL_TOKENS = {
     "cogvlm": 1225,  # CogVLM-17B: EVA2-CLIP-E at 490 px / 14 px patches: 35 x 35
     "flamingo": 1,  # OpenFlamingo-9B: a marker per image, 64 latents through cross-attention
     "owl3": 1,  # mPLUG-Owl3-7B: a marker per image, 729 SigLIP features through hyper-attention
+    "blip2_stage1": 32,
 }
 
 
@@ -152,8 +161,9 @@ def reference_tower_settings(tower: dict) -> list[tuple[int, bool]]:
 def overrides(data_root: Path, out: Path, model: dict, source: str) -> list[str]:
     """A temp ShapesWorld, small batches, no workers; caption files for the single-round Plain chat format."""
     args = cli_args(data_root, out, batch_size=2)
-    chat = (model["init_args"]["language_model"].get("init_args") or {}).get("chat_format") or {}
-    if chat.get("class_path", "").endswith(".Plain"):
+    lm = model["init_args"].get("language_model") or {}
+    chat = (lm.get("init_args") or {}).get("chat_format") or {}
+    if chat.get("class_path", "").endswith(".Plain") or model["class_path"].endswith(".QFormerPretraining"):
         args += [f"--data.init_args.train.{source}.init_args.path", "captions_train.json"]
         if source == "shapesworld":
             args += ["--data.init_args.val.shapesworld.init_args.path", "captions_val.json"]
@@ -190,13 +200,7 @@ def parsed_model(paths: list[Path]) -> dict:
     return cli.config.model.as_dict()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def first_batch(cli) -> dict:
@@ -269,9 +273,9 @@ def test_tiny_preset_takes_a_training_step(path, shapes_root, tmp_path):
     args = [*configs(stack), *overrides(shapes_root, tmp_path, reference, "shapesworld")]
     cli = build_cli(stack_configs(args), run=False)
     model = cli.model
-    assert isinstance(model, VLMModule) and type(model).__name__ == reference["class_path"].rsplit(".", 1)[1]
+    assert isinstance(model, FAMILIES) and type(model).__name__ == reference["class_path"].rsplit(".", 1)[1]
     assert model.tokens_per_image == TINY_TOKENS[path.stem]
-    for part in PARTS:
+    for part in parts_of(reference):
         assert (
             type(getattr(model, part)).__name__
             == reference["init_args"][part]["class_path"].rsplit(".", 1)[1]
@@ -318,7 +322,7 @@ def test_tiny_preset_through_the_fit_command(shapes_root, tmp_path):
 def check_real(cli, path: Path, stack: list[Path]) -> None:
     model, reference = cli.model, reference_merge(stack)["init_args"]
     assert model.tokens_per_image == REAL_TOKENS[path.stem]
-    for part in PARTS:
+    for part in parts_of(reference_merge(stack)):
         assert type(getattr(model, part)).__name__ == reference[part]["class_path"].rsplit(".", 1)[1], part
     assert tower_settings(model.vision_tower) == reference_tower_settings(reference["vision_tower"])
     assert model.stage.trainable == reference["stage"]["trainable"]

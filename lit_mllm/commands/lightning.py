@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 from jsonargparse import Namespace
-from lightning import LightningDataModule, Trainer
+from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,7 +30,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_mllm.commands.config_errors import ConfigError, build_error, clean, parse_error, root_cause
 from lit_mllm.config_stack import stack_configs
 from lit_mllm.data.sample import DataError
-from lit_mllm.lit.base import VLMModule
 from lit_mllm.training.callbacks import console_progress_bar
 from lit_mllm.training.checkpoints import UnsafeCheckpoint, WeightsMismatch
 
@@ -153,7 +152,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     args = stack_configs(args, log=rank_zero_info)
     quiet_lightning()
     return LitMLLMCLI(
-        VLMModule,
+        LightningModule,  # a family module: a VLMModule, or QFormerPretraining (BLIP-2 stage 1, no LLM)
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

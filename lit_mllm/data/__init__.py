@@ -1,8 +1,10 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, ShapesWorld, and the frozen-tower
-feature cache."""
+(tokenize + expand image tokens), collation and packing, the DataModule, streaming shards, ShapesWorld, readers
+for benchmark files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE), and the frozen-tower feature
+cache."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
+from lit_mllm.data.benchmarks import GQA, MME, POPE, COCOCaptions, MMBench, RefCOCO, TextVQA, VQAv2
 from lit_mllm.data.collate import collate, pack
 from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
 from lit_mllm.data.feature_cache import FeatureCache
@@ -11,6 +13,7 @@ from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.shapesworld import ShapesWorld
+from lit_mllm.data.shards import StreamingShards
 from lit_mllm.data.sources import (
     Captions,
     Conversations,
@@ -25,30 +28,39 @@ from lit_mllm.data.tasks import MiniGPTv2Tasks, PinkTasks, PlainTasks, QwenVLTas
 __all__ = [
     "AnyRes",
     "Captions",
+    "COCOCaptions",
     "Catty",
     "Conversations",
     "DataError",
     "DatasetGenerator",
     "FeatureCache",
+    "GQA",
     "Grounding",
     "ImageLayout",
     "Interleaved",
     "Letterbox",
     "MiniGPTv2Tasks",
     "MM1SubImages",
+    "MMBench",
+    "MME",
     "Mixture",
     "MixtureData",
     "PinkTasks",
     "PlainTasks",
+    "POPE",
     "Processor",
     "QwenVLTasks",
+    "RefCOCO",
     "Resize",
     "ResizeCrop",
     "Sample",
     "ShapesWorld",
     "Source",
+    "StreamingShards",
     "TaskTemplate",
     "TextOnly",
+    "TextVQA",
+    "VQAv2",
     "Batch",
     "LoaderReport",
     "collate",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 
+import torch
 from torch import Tensor
 
 
@@ -59,6 +60,36 @@ class Batch:
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]
+
+    def select(self, rows: list[int]) -> Batch:
+        """The batch of the samples ``rows`` (padded batches, where a row is a sample), in that order, with their
+        images and their prompt-only batch; for metrics computed per task or per group."""
+        if self.position_ids is not None:
+            raise ValueError("select needs a padded batch (a row per sample); this one is packed")
+        index = torch.tensor(rows, dtype=torch.long)
+        counts = torch.tensor(self.images_per_row, dtype=torch.long)
+        starts = torch.cumsum(counts, 0) - counts
+        images = [i for r in rows for i in range(int(starts[r]), int(starts[r] + counts[r]))]
+        sample_index = self.sample_index[index]
+        pick = lambda values: None if values is None else [values[r] for r in rows]  # noqa: E731
+        return Batch(
+            ids=pick(self.ids),
+            sources=pick(self.sources),
+            row_names=pick(self.row_names),
+            input_ids=self.input_ids[index],
+            labels=self.labels[index],
+            sample_index=torch.where(
+                sample_index >= 0, torch.arange(len(rows), device=sample_index.device)[:, None], sample_index
+            ),
+            attention_mask=None if self.attention_mask is None else self.attention_mask[index],
+            position_ids=None,
+            pixel_values=None if self.pixel_values is None or not images else self.pixel_values[images],
+            images_per_row=pick(self.images_per_row),
+            prompts=pick(self.prompts),
+            references=pick(self.references),
+            meta=pick(self.meta) if self.meta else [],
+            generation=None if self.generation is None else self.generation.select(rows),
+        )
 
     def to(self, device, **kwargs) -> Batch:
         """The batch with every tensor moved to ``device`` (Lightning calls this on batch transfer)."""

@@ -85,10 +85,10 @@ class Processor:
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_prompt: bool = False) -> dict:
         """The processed sample: ``input_ids`` / ``labels`` ``[L]``, ``pixel_values`` ``[k, 3, S, S]`` uint8 (or None),
-        ``num_images`` (tower inputs), and with :attr:`image_keys` ``image_keys`` (``<content hash>/<crop>`` per tower
-        input, see :func:`~lit_mllm.data.feature_cache.image_key`). ``for_generation``: the conversation up to its last assistant turn, with
-        ``prompt`` (the turn answered) and ``references`` (accepted answers: the sample's ``references``, else its
-        last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
+        ``num_images`` (tower inputs), and with :attr:`image_keys` ``image_keys`` (``<content hash>/<crop>`` per
+        tower input, see :func:`~lit_mllm.data.feature_cache.image_key`). ``for_generation``: the conversation up to
+        its last assistant turn, with ``prompt`` (the turn answered) and ``references`` (accepted answers: the
+        sample's ``references``, else its last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
         images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
         crops = [self.image_transform.num_crops(*im.size) for im in images]
         pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]

@@ -44,6 +44,9 @@ from lit_mllm.data.shapesworld_scene import COLOURS, NUMBER_WORDS, SHAPES, Label
 
 CELLS = ("top left", "top right", "bottom left", "bottom right")  # the cells of the 2 x 2 grid
 QUESTION_KINDS = ("colour", "shape", "count", "position", "existence")
+ALL_KINDS = (*QUESTION_KINDS, "text", "caption", "both", "most", "which", "total")
+"""Every ``meta.kind`` a ShapesWorld record names: the single-image question kinds, the drawn word, the caption
+turn, and the multi-image kinds (``shapesworld_formats.MULTI_KIND_NAMES``)."""
 TEXT_COLOUR = (0, 0, 0)  # the drawn word: no object has this colour
 
 Extra = Literal["caption_shards", "caption_manifests", "interleaved", "text_only", "grounding"]
@@ -304,18 +307,28 @@ class ShapesWorld:
         self, things: list[Thing], rng: random.Random, kind: str, label: Label | None = None
     ) -> tuple[str, str]:
         """A (question, answer) pair of the given kind, falling back to ``count`` when the scene cannot ask it."""
+        return self.ask(things, rng, kind, label)[1:]
+
+    def ask(
+        self, things: list[Thing], rng: random.Random, kind: str, label: Label | None = None
+    ) -> tuple[str, str, str]:
+        """``(kind asked, question, answer)``: :meth:`question` with the kind it fell back to (``count``)."""
         by_shape = [t for t in things if sum(u.shape == t.shape for u in things) == 1]
         by_colour = [t for t in things if sum(u.colour == t.colour for u in things) == 1]
         unique = [t for t in things if sum((u.shape, u.colour) == (t.shape, t.colour) for u in things) == 1]
         if kind == "colour" and by_shape:
             t = rng.choice(by_shape)
-            return f"What color is the {t.shape}? Answer with one word.", t.colour
+            return "colour", f"What color is the {t.shape}? Answer with one word.", t.colour
         if kind == "shape" and by_colour:
             t = rng.choice(by_colour)
-            return f"What shape is the {t.colour} object? Answer with one word.", t.shape
+            return "shape", f"What shape is the {t.colour} object? Answer with one word.", t.shape
         if kind == "position" and unique:
             t = rng.choice(unique)
-            return f"Where is the {t.colour} {t.shape}? Answer with its position.", self.cells[t.cell]
+            return (
+                "position",
+                f"Where is the {t.colour} {t.shape}? Answer with its position.",
+                self.cells[t.cell],
+            )
         if kind == "existence":
             if rng.random() < 0.5:
                 t = rng.choice(things)
@@ -324,10 +337,10 @@ class ShapesWorld:
                 present = {(t.shape, t.colour) for t in things}
                 shape, colour = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present])
                 answer = "no"
-            return f"Is there {article(colour)} {colour} {shape}? Answer yes or no.", answer
+            return "existence", f"Is there {article(colour)} {colour} {shape}? Answer yes or no.", answer
         if kind == "text" and label is not None:
-            return "What word is written in the image? Answer with the word.", label.word
-        return "How many shapes are there? Answer with a number.", str(len(things))
+            return "text", "What word is written in the image? Answer with the word.", label.word
+        return "count", "How many shapes are there? Answer with a number.", str(len(things))
 
     # -- the dataset -----------------------------------------------------------------------------------------
     def write(self, root: Path) -> None:
@@ -367,18 +380,21 @@ class ShapesWorld:
                         }
                     )
                     qa = [
-                        self.question(things, rng, rng.choice(kinds), label)
+                        self.ask(things, rng, rng.choice(kinds), label)
                         for _ in range(self.questions_per_image if split == "train" else 1)
                     ]
                     if split == "train" and self.caption_turn:  # last: earlier answers cannot be read off it
-                        qa.append(("Describe the image briefly.", self.caption(things, label)))
+                        qa.append(("caption", "Describe the image briefly.", self.caption(things, label)))
                     convs = []
-                    for q, (question, answer) in enumerate(qa):
+                    for q, (_, question, answer) in enumerate(qa):
                         convs += [
                             {"from": "human", "value": ("<image>\n" if q == 0 else "") + question},
                             {"from": "gpt", "value": answer},
                         ]
-                    records.append({"id": sid, "image": name, "conversations": convs})
+                    record = {"id": sid, "image": name, "conversations": convs}
+                    if len(qa) == 1:  # the kind of the one question (evaluation reports accuracy per kind)
+                        record["meta"] = {"kind": qa[0][0]}
+                    records.append(record)
                     bar.update()
                 (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
                 files.append(f"{split}.json")

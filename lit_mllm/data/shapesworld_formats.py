@@ -284,14 +284,22 @@ def _story(world: ShapesWorld, rng: random.Random) -> str:
 def write_text_only(
     world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
 ) -> list[str]:
-    """``text_{split}.jsonl``: ``texts_per_image`` documents per image, unique ids."""
+    """``text_{split}.jsonl``: ``texts_per_image`` documents per image, unique ids; for validation and test also
+    ``text_choice_{split}.jsonl``, one multiple-choice question per image (:func:`text_choice_records`)."""
     kinds = (_facts, _counting, _positions, _story)
     count = math.ceil(len(images) * world.texts_per_image)
     _jsonl(
         root / f"text_{split}.jsonl",
         [{"id": f"{split}_text_{i:06d}", "text": rng.choice(kinds)(world, rng)} for i in range(count)],
     )
-    return [f"text_{split}.jsonl"]
+    written = [f"text_{split}.jsonl"]
+    if (
+        split != "train"
+    ):  # text-only multiple choice (lit_mllm.eval.TextChoices): what image data does to text
+        path = root / f"text_choice_{split}.jsonl"
+        _jsonl(path, text_choice_records(len(images), f"{world.seed}/{split}/text_choice", world.grid))
+        written.append(path.name)
+    return written
 
 
 # -- grounding -------------------------------------------------------------------------------------------------
@@ -338,6 +346,8 @@ def write_grounding(
 
 # -- multi-image questions -------------------------------------------------------------------------------------
 MULTI_KINDS = ("both", "more", "find", "count")
+MULTI_KIND_NAMES = {"both": "both", "more": "most", "find": "which", "count": "total"}
+"""The ``meta.kind`` of each multi-image question kind (distinct from the single-image kinds: ``count`` there)."""
 """Multi-image question kinds: ``both`` (do both of two images contain X? yes/no, X in exactly one of them when
 "no"), ``more`` (which image has the most shapes? one image has strictly more than every other), ``find`` (which
 image shows X? X in exactly one), ``count`` (how many shapes in all the images together?)."""
@@ -397,9 +407,9 @@ def multi_question(
 
 def multi_records(
     world: ShapesWorld, split: str, images: Images, count: int
-) -> list[tuple[list[str], str, str]]:
+) -> list[tuple[list[str], str, str, str]]:
     """``count`` multi-image questions over a split's images, kinds in turn (so equally many of each): (image
-    paths, question, answer) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
+    paths, question, answer, kind) each. Drawn from the split's own stream ``{seed}/{split}/multi_image``."""
     rng, out = random.Random(f"{world.seed}/{split}/multi_image"), []
     tries = 0
     while len(out) < count:
@@ -408,7 +418,7 @@ def multi_records(
         tries += 1
         if made is not None:
             picked, question, answer = made
-            out.append(([images[j][0] for j in picked], question, answer))
+            out.append(([images[j][0] for j in picked], question, answer, kind))
         elif tries > 100 * (count + 10):
             raise ValueError(
                 f"cannot draw {count} multi-image questions from the {len(images)} {split} images: no {kind!r} "
@@ -423,7 +433,7 @@ def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images
     before the question) and ``multi_interleaved_{split}.jsonl`` (the same questions as OBELICS-style documents:
     ``Image k:``, the image, ..., the question, the answer)."""
     records, documents = [], []
-    for i, (paths, question, answer) in enumerate(multi_records(world, split, images, count)):
+    for i, (paths, question, answer, kind) in enumerate(multi_records(world, split, images, count)):
         sid = f"{split}_multi_{i:06d}"
         shown = "".join(f"Image {k}: <image>\n" for k in range(1, len(paths) + 1))
         records.append(
@@ -434,6 +444,7 @@ def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images
                     {"from": "human", "value": shown + question},
                     {"from": "gpt", "value": answer},
                 ],
+                "meta": {"kind": MULTI_KIND_NAMES[kind]},
             }
         )
         texts: list[str | None] = []
@@ -445,3 +456,100 @@ def write_multi_image(world: ShapesWorld, root: Path, split: str, images: Images
     (root / f"multi_{split}.json").write_text(json.dumps(records, indent=1))
     _jsonl(root / f"multi_interleaved_{split}.jsonl", documents)
     return [f"multi_{split}.json", f"multi_interleaved_{split}.jsonl"]
+
+
+# -- a small set from ShapesWorld's text facts ----------------------------------------------------------------
+def _choice_options(right: str, pool: list[str], rng: random.Random, k: int = 4) -> tuple[list[str], int]:
+    """``right`` and ``k - 1`` other members of ``pool``, shuffled; the right one's index."""
+    options = [right] + rng.sample([p for p in pool if p != right], k - 1)
+    rng.shuffle(options)
+    return options, options.index(right)
+
+
+def _choice_corners(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
+    shape = rng.choice(SHAPES)
+    return (
+        f"How many corners does {article(shape)} {shape} have?",
+        CORNERS[shape],
+        ["no", "two", "three", "four", "five"],
+    )
+
+
+def _choice_colour_mix(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
+    mixes = {"orange": ("red", "yellow"), "purple": ("red", "blue"), "green": ("blue", "yellow")}
+    colour = rng.choice(sorted(mixes))
+    a, b = rng.sample(mixes[colour], 2)
+    return f"What colour is a mix of {a} and {b}?", colour, sorted(set(COLOURS) | set(mixes))
+
+
+def _choice_counting(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
+    (c1, s1), (c2, s2) = rng.sample([(c, s) for c in COLOURS for s in SHAPES], 2)
+    a, b = rng.randint(1, 4), rng.randint(1, 4)
+    context = (
+        f"There {'is' if a == 1 else 'are'} {NUMBER_WORDS[a]} {c1} {s1}{'s' * (a > 1)} and {NUMBER_WORDS[b]} {c2} "
+        f"{s2}{'s' * (b > 1)}. How many shapes are there in all?"
+    )
+    return context, NUMBER_WORDS[a + b], list(NUMBER_WORDS[1:])
+
+
+def _choice_position(rng: random.Random, grid: int) -> tuple[str, str, list[str]]:
+    from lit_mllm.data.shapesworld import cell_names
+
+    cells = cell_names(grid)
+    p, q = rng.sample(range(grid * grid), 2)
+    (r1, k1), (r2, k2) = divmod(p, grid), divmod(q, grid)
+    (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(list(COLOURS), 2)
+    vertical = "above" if r1 < r2 else "below" if r1 > r2 else ""
+    horizontal = "to the left of" if k1 < k2 else "to the right of" if k1 > k2 else ""
+    relation = " and ".join(r for r in (vertical, horizontal) if r)
+    pool = [
+        " and ".join(r for r in (v, h) if r)
+        for v in ("above", "below", "")
+        for h in ("to the left of", "to the right of", "")
+    ]
+    context = (
+        f"{article(c1).capitalize()} {c1} {s1} is at the {cells[p]} and {article(c2)} {c2} {s2} is at the "
+        f"{cells[q]}. Where is the {c1} {s1}?"
+    )
+    return context, f"{relation} the {c2} {s2}", [f"{r} the {c2} {s2}" for r in pool if r]
+
+
+TEXT_CHOICE_KINDS = {
+    "corners": _choice_corners,
+    "colour_mix": _choice_colour_mix,
+    "counting": _choice_counting,
+    "position": _choice_position,
+}
+"""The kinds of question :func:`text_choice_records` asks, each a fact of ShapesWorld's text corpus."""
+
+
+def text_choice_records(count: int, seed: int | str = 0, grid: int = 2, num_options: int = 4) -> list[dict]:
+    """``count`` multiple-choice records (the ``lit_mllm.eval.TextChoices`` format) about ShapesWorld's text facts, the
+    kinds in turn (meta ``kind``), drawn from ``seed``; ``grid`` as the world's (2 or 3)."""
+    rng = random.Random(seed)
+    kinds = list(TEXT_CHOICE_KINDS.items())
+    records = []
+    for i in range(count):
+        kind, make = kinds[i % len(kinds)]
+        context, right, pool = make(rng, grid)
+        options, answer = _choice_options(right, pool, rng, num_options)
+        records.append(
+            {
+                "id": f"text_choice_{i:05d}",
+                "context": context,
+                "options": options,
+                "answer": answer,
+                "meta": {"kind": kind},
+            }
+        )
+    return records
+
+
+def write_text_choices(path: str | Path, count: int = 200, seed: int = 0, grid: int = 2) -> Path:
+    """Write :func:`text_choice_records` as JSON Lines to ``path`` (e.g. ``<root>/text_choice_val.jsonl``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in text_choice_records(count, seed, grid)), encoding="utf-8"
+    )
+    return path

@@ -505,6 +505,8 @@ class Grounding(_JsonRecords):
 
     Each draw renders one task (chosen per record, deterministically) with the task template's instruction and
     box format: ``refer`` (phrase -> box), ``identify`` (box -> phrase), ``detection`` (all objects with boxes).
+    The sample's meta holds the ``task``, the drawn object's ``box`` (``[x1, y1, x2, y2]`` pixels) and the image's
+    ``width`` / ``height``, for grounding accuracy.
     """
 
     def __init__(
@@ -728,7 +730,9 @@ class Grounding(_JsonRecords):
         phrase, box = parsed[rng.randrange(len(parsed))]
         fields = {"phrase": phrase, "box": box, "objects": parsed, "caption": record.get("caption")}
         turns = self.template.render(task, fields, image_token, w, h, rng)
-        return Sample(f"{sample_id}/{task}", turns, [self.image_path(image)], where)
+        # what grounding accuracy compares a reply with
+        meta = {"task": task, "box": list(box), "width": w, "height": h}
+        return Sample(f"{sample_id}/{task}", turns, [self.image_path(image)], where, meta=meta)
 
 
 def _fit_box(box: Box, width: int, height: int, clip: bool, where: str) -> Box:

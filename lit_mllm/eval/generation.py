@@ -3,12 +3,15 @@ validation and test), so a run's decoding is written once in its config and reco
 
     model:
       init_args:
-        generation: {max_new_tokens: 16, num_beams: 3}
+        generation: {max_new_tokens: 16, num_beams: 3, stop: ["\n"]}
+
+Decoding is batched over left-padded prompts with a KV cache, for every family; a row's reply does not depend on
+the other rows of its batch (greedy and beam search; tested per family in ``tests/test_generation.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,6 +30,10 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (only with
     ``do_sample``)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a row stops generating once its reply holds one, and the reply is cut before the first one
+    (e.g. ``["\\n"]`` for one-line answers, ``["Question:"]`` for few-shot prompts). Empty: only the end-of-reply
+    token stops."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +44,8 @@ class GenerationConfig:
             raise ValueError(
                 f"generation.temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]"
             )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"generation.stop={self.stop!r}: every stop string must be a non-empty string")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``transformers``' ``generate`` (sampling knobs only when sampling)."""
@@ -47,4 +56,12 @@ class GenerationConfig:
         }
         if self.do_sample:
             out.update(temperature=self.temperature, top_p=self.top_p)
+        if self.stop:
+            out["stop_strings"] = list(self.stop)
         return out
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """``text`` up to the first occurrence of any stop string (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop or []) if i >= 0), default=len(text))
+    return text[:cut]

@@ -8,7 +8,19 @@
 
 Each is a torchmetrics ``Metric`` (states synchronised across ranks) subclassing :class:`EvalMetric`: it reads what
 it needs from :class:`EvalOutputs` (the batch, its teacher-forced logits, and the generated replies when any metric
-``needs_generation``). It is logged as ``<split>/<name>``.
+``needs_generation``). It is logged at the end of each evaluation epoch as ``<split>/<name>`` (a metric whose
+``compute`` returns a dict: ``<split>/<name>/<key>`` each), and, when the split has several sources (tasks), per
+task as ``<split>/<task>/<name>``. :class:`PerGroup` breaks any metric down by a key of the samples' ``meta``
+(ShapesWorld's question ``kind``; a benchmark's subtask). Each also has a plain ``update(predictions, references,
+meta)`` on Python lists, usable without Lightning; ``update_from`` calls it.
+
+Only numbers travel between ranks: a metric that groups samples (an image's two questions, a question's rotations)
+keeps per-sample rows of numbers (group names hashed by :func:`stable_hash`, the same on every rank) as ``cat``
+states, and named groups it reports (subtasks, answer types, kinds) are declared up front so their counts are
+fixed-size ``sum`` states.
+
+:class:`GeneratedExactMatch`: a generated reply equals one of the sample's references (``normalize="vqa"``: both
+under the official VQA answer processing, for single-answer benchmarks such as GQA).
 
 :class:`ReplyExactMatch`: a reply counts as correct when every one of its supervised tokens (the answer and its end
 marker) is the argmax prediction. That is exactly the condition under which greedy decoding reproduces the reply
@@ -18,15 +30,22 @@ equivalence against ``generate``). Replies are the maximal runs of supervised to
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.eval.answers import vqa_normalize
 from lit_mllm.nn.language.chat import IGNORE_INDEX
+
+OTHER = "other"
+"""The group of samples whose ``meta`` value :class:`PerGroup` does not list."""
 
 
 @dataclass
@@ -40,6 +59,14 @@ class EvalOutputs:
     generations: list[str] | None = None
     """The decoded reply of each sample (the model's generation settings), when a metric needs them."""
 
+    def select(self, rows: list[int]) -> EvalOutputs:
+        """The outputs of the samples ``rows`` only (padded evaluation batches: a row is a sample)."""
+        return EvalOutputs(
+            self.batch.select(rows),
+            self.logits[torch.tensor(rows, dtype=torch.long, device=self.logits.device)],
+            None if self.generations is None else [self.generations[r] for r in rows],
+        )
+
 
 class EvalMetric(Metric):
     """A metric updated from :class:`EvalOutputs`; ``needs_generation`` makes the module generate replies."""
@@ -49,6 +76,55 @@ class EvalMetric(Metric):
     def update_from(self, outputs: EvalOutputs) -> None:
         """Update from one evaluation step's outputs."""
         raise NotImplementedError
+
+
+def _ratio(part: Tensor, whole: Tensor) -> Tensor:
+    """``part / whole``, NaN when nothing was counted (an empty split is not a score of 0)."""
+    return part.float() / whole if whole > 0 else torch.tensor(float("nan"), device=whole.device)
+
+
+def stable_hash(text: str) -> int:
+    """A signed 64-bit hash of ``text``, the same in every process (Python's ``hash`` of a str is salted per
+    process, so ranks would disagree)."""
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True
+    )
+
+
+def generated(outputs: EvalOutputs, who: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    """``(replies, references, meta)`` of an evaluation step, per sample, for a metric that scores generations;
+    ``who`` (the metric's name) is named when the batch carries none."""
+    prompts = outputs.batch.generation
+    if outputs.generations is None or prompts is None or prompts.references is None:
+        raise ValueError(
+            f"{who} scores generated replies, but the batch carries no prompts; the model's processor must set "
+            "eval_prompts (VLMModule does when a metric needs_generation)"
+        )
+    meta = prompts.meta or outputs.batch.meta or [{} for _ in prompts.references]
+    return outputs.generations, prompts.references, meta
+
+
+def group_index(meta: list[dict] | None, key: str, groups: list[str], who: str, n: int) -> list[int]:
+    """Index in ``groups`` of each of ``n`` samples' ``meta[key]`` (-1 where the key is absent); a value that is
+    not in ``groups`` is an error naming the valid ones."""
+    if not groups:
+        return [-1] * n
+    meta = meta or [{}] * n
+    if len(meta) != n:
+        raise ValueError(f"{who}: {len(meta)} meta entries for {n} samples")
+    out = []
+    for m in meta:
+        value = m.get(key)
+        if value is None:
+            out.append(-1)
+        elif str(value) in groups:
+            out.append(groups.index(str(value)))
+        else:
+            raise ValueError(
+                f"{who}: sample meta {key!r} = {value!r} is not one of the declared groups {groups}; add it to the "
+                "metric's groups"
+            )
+    return out
 
 
 def reply_exact_match(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,44 +160,116 @@ class ReplyExactMatch(EvalMetric):
         self.update(outputs.logits, outputs.batch.labels)
 
     def compute(self) -> Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+        return _ratio(self.correct, self.total)
 
 
 class GeneratedExactMatch(EvalMetric):
-    """Fraction of samples whose generated reply equals one of their references (whitespace-stripped; optionally
-    case-insensitive). Samples without a reference are not counted."""
+    """Fraction of samples whose generated reply equals one of their references; samples without a reference are
+    not counted. Per group of samples: wrap it in :class:`PerGroup`."""
 
     full_state_update = False
     needs_generation = True
 
-    def __init__(self, ignore_case: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        ignore_case: bool = False,
+        normalize: Literal["strip", "vqa"] = "strip",
+        **kwargs,
+    ) -> None:
         """
         Args:
             ignore_case: Compare lower-cased text.
+            normalize: ``strip``: surrounding whitespace only; ``vqa``: the official VQA answer processing
+                (punctuation, number words, articles, contractions; lower-cases) on reply and references.
         """
         super().__init__(**kwargs)
-        self.ignore_case = ignore_case
+        if normalize not in ("strip", "vqa"):
+            raise ValueError(f"GeneratedExactMatch normalize must be 'strip' or 'vqa', got {normalize!r}")
+        self.ignore_case, self.normalize = ignore_case, normalize
         self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def _norm(self, text: str) -> str:
-        text = text.strip()
+        text = vqa_normalize(text) if self.normalize == "vqa" else text.strip()
         return text.lower() if self.ignore_case else text
 
-    def update(self, generations: list[str], references: list[list[str]]) -> None:
+    def update(
+        self, generations: list[str], references: list[list[str]], meta: list[dict] | None = None
+    ) -> None:
         for answer, refs in zip(generations, references, strict=True):
             if refs:
                 self.total += 1
                 self.correct += int(self._norm(answer) in {self._norm(r) for r in refs})
 
     def update_from(self, outputs: EvalOutputs) -> None:
-        prompts = outputs.batch.generation
-        if outputs.generations is None or prompts is None or prompts.references is None:
-            raise ValueError(
-                f"{type(self).__name__} scores generated replies, but the batch carries no prompts; the model's "
-                "processor must set eval_prompts (VLMModule does when a metric needs_generation)"
-            )
-        self.update(outputs.generations, prompts.references)
+        self.update(*generated(outputs, type(self).__name__))
 
     def compute(self) -> Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+        return _ratio(self.correct, self.total)
+
+
+class PerGroup(EvalMetric):
+    """A metric computed separately for each group of samples sharing ``meta[key]`` (ShapesWorld's question kinds,
+    a benchmark's subtasks)::
+
+        by_kind:
+          class_path: lit_mllm.eval.PerGroup
+          init_args:
+            metric: {class_path: lit_mllm.eval.ReplyExactMatch}
+            key: kind
+            groups: [colour, shape, count, position, existence]
+
+    ``compute`` gives ``{group: value}`` (logged ``<split>/by_kind/colour``, ...) for the groups that met a sample on
+    some rank (nothing when no sample named a listed group); a metric returning a dict gives ``{group/key: value}``. Samples whose value is not listed are
+    counted under ``other`` (listed groups are fixed so that every rank holds the same states)."""
+
+    full_state_update = False
+
+    def __init__(self, metric: EvalMetric, key: str, groups: list[str], **kwargs) -> None:
+        """
+        Args:
+            metric: The metric computed per group (copied for each).
+            key: The ``meta`` key grouping the samples.
+            groups: The group values reported (others are counted under ``other``).
+        """
+        super().__init__(**kwargs)
+        if not groups or len(set(groups)) != len(groups) or OTHER in groups:
+            raise ValueError(f"PerGroup needs distinct group names other than {OTHER!r}, got {groups!r}")
+        bad = [g for g in groups if not g or "." in g]
+        if bad:
+            raise ValueError(f"PerGroup group names cannot be empty or contain '.': {bad}")
+        self.key = key
+        self.needs_generation = metric.needs_generation
+        self.members = nn.ModuleDict({g: metric.clone() for g in [*groups, OTHER]})
+        self.add_state("seen", default=torch.zeros(len(self.members), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs: EvalOutputs) -> None:
+        rows: dict[str, list[int]] = {}
+        for i, meta in enumerate(outputs.batch.meta or [{} for _ in outputs.batch.ids]):
+            value = str(meta.get(self.key, OTHER))
+            rows.setdefault(value if value in self.members else OTHER, []).append(i)
+        for k, group in enumerate(self.members):
+            if group in rows:
+                self.members[group].update_from(outputs.select(rows[group]))
+                self.seen[k] += len(rows[group])
+
+    def update_from(self, outputs: EvalOutputs) -> None:
+        self.update(outputs)
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {}
+        for k, (group, member) in enumerate(self.members.items()):
+            with warnings.catch_warnings():  # a group no sample met is computed from its empty state
+                warnings.filterwarnings(
+                    "ignore", message=".*compute.*before the.*update", category=UserWarning
+                )
+                value = member.compute()  # every rank computes every member: their states synchronise
+            if self.seen[k] > 0 and (group != OTHER or self.seen[:-1].sum() > 0):  # no kinds at all: nothing
+                values = value if isinstance(value, dict) else {"": value}
+                out.update({f"{group}/{key}" if key else group: v for key, v in values.items()})
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        for member in self.members.values():
+            member.reset()

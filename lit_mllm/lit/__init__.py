@@ -5,6 +5,7 @@ from lit_mllm.lit.cogvlm import CogVLM
 from lit_mllm.lit.flamingo import FlamingoVLM
 from lit_mllm.lit.owl3 import MPLUGOwl3VLM
 from lit_mllm.lit.prefix import PrefixFusionVLM
+from lit_mllm.lit.qformer_pretraining import QFormerPretraining
 
 __all__ = [
     "LanguageInputs",
@@ -15,4 +16,5 @@ __all__ = [
     "CogVLM",
     "FlamingoVLM",
     "MPLUGOwl3VLM",
+    "QFormerPretraining",
 ]

@@ -14,12 +14,14 @@ embeddings and any per-layer inputs its decoder-layer wrappers read. It adds its
 names them in :meth:`VLMModule.parts`, gives :meth:`VLMModule.default_stage`, and ends ``__init__`` with
 :meth:`VLMModule.freeze_and_load`. See docs/families.md.
 
-Metric names are ``split/name``: ``train/loss``, ``train/loss/<source>``, ``val/loss``, ``val/<metric>``, ``test/...``.
+Metric names are ``split/name``: ``train/loss``, ``train/loss/<source>``, ``val/loss``, ``val/<metric>``,
+``val/<task>/<metric>`` (per source, where the split has several), ``test/...``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -35,12 +37,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.collate import collate
 from lit_mllm.data.feature_cache import FeatureCache, weights_digest
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
-from lit_mllm.eval.generation import GenerationConfig
-from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, ReplyExactMatch
+from lit_mllm.data.shapesworld import ALL_KINDS
+from lit_mllm.eval.choice import choice_samples, sum_by_sample
+from lit_mllm.eval.generation import GenerationConfig, cut_at_stop
+from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, PerGroup, ReplyExactMatch
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.layers import LayerInputs
@@ -104,6 +109,16 @@ class LanguageInputs:
     step (cross-attention: the visual features and media masks); a dataclass of the family's own."""
 
 
+def default_metrics() -> dict[str, EvalMetric]:
+    """The metrics of a config that names none: ``accuracy`` (teacher-forced reply exact match) and ``by_kind``,
+    the same per question kind of samples whose ``meta`` names one (ShapesWorld's; nothing is logged for data
+    without kinds)."""
+    return {
+        "accuracy": ReplyExactMatch(),
+        "by_kind": PerGroup(ReplyExactMatch(), key="kind", groups=list(ALL_KINDS)),
+    }
+
+
 class VLMModule(L.LightningModule):
     """Base of the family modules: a vision tower, a connector and a decoder LLM (see the module docstring)."""
 
@@ -132,7 +147,7 @@ class VLMModule(L.LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.generation = generation or GenerationConfig()
-        metrics = {"accuracy": ReplyExactMatch()} if metrics is None else metrics
+        metrics = default_metrics() if metrics is None else metrics
         for name, metric in metrics.items():
             if not isinstance(metric, EvalMetric):
                 raise TypeError(
@@ -143,6 +158,8 @@ class VLMModule(L.LightningModule):
             {split: nn.ModuleDict({n: m.clone() for n, m in metrics.items()}) for split in ("val", "test")}
         )
         self.split_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        # per task (a split's source) when a split has several: {split: {task: {name: metric}}}, built in setup
+        self.task_metrics = nn.ModuleDict()
         if not isinstance(stage, StageSchedule):
             stage = StageSchedule([Milestone(0, stage or self.default_stage())])
         for (
@@ -330,13 +347,31 @@ class VLMModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: Batch, **overrides) -> list[str]:
         """Decoded replies of a left-padded prompt batch, with the model's ``generation`` settings (``overrides``
-        replace single ``generate`` arguments)."""
+        replace single ``transformers`` ``generate`` arguments, e.g. ``num_beams=3``, ``stop_strings=["\\n"]``).
+
+        The images are encoded once per call (every family: the visual features reach each decoding step with the
+        KV cache); each reply is cut before its first stop string and stripped. One reply per prompt row, or
+        ``num_return_sequences`` consecutive replies per row."""
         inputs = self.inputs(batch)
         settings = {**self.generation.kwargs(), **overrides}
         new = self.language_model.generate(
             inputs.embeds, batch.attention_mask, layer_inputs=inputs.layer_inputs, **settings
         )
-        return [a.strip() for a in self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = self.language_model.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [cut_at_stop(text, settings.get("stop_strings")).strip() for text in texts]
+
+    @torch.no_grad()
+    def option_loglikelihoods(self, context: str, options: list[str], per_token: bool = False) -> Tensor:
+        """``[K]`` log-likelihood of each of the ``K`` options as the reply to ``context`` (text only, rendered by
+        the chat format as a user turn and its answer): the sum of the log-probabilities of the option's tokens and
+        the end-of-reply marker, or their mean per token (``per_token``). The argmax is the model's choice; the
+        same figures :class:`~lit_mllm.eval.choice.ChoiceAccuracy` reads from an evaluation step's logits."""
+        processor = self.processor()
+        samples = choice_samples("options", context, options, 0)
+        batch = collate([processor(s) for s in samples], processor.tokenizer.pad_token_id).to(self.device)
+        logits, target, which = self.supervised_logits(batch)  # [S, V], [S], [S]
+        sums, tokens = sum_by_sample(logits, target, which, len(samples))
+        return sums / tokens if per_token else sums
 
     def _needs_generation(self) -> bool:
         return any(m.needs_generation for m in self.split_metrics["val"].values())
@@ -444,10 +479,6 @@ class VLMModule(L.LightningModule):
         self.log("data/feature_cache_served", counts.served)
         rank_zero_info(f"epoch {self.current_epoch}: feature cache served {counts} (rank 0)")
 
-    def on_validation_epoch_end(self) -> None:
-        if self.feature_cache is not None:
-            self.feature_cache.flush()
-
     def teardown(self, stage: str) -> None:
         if self.feature_cache is None:
             return
@@ -515,9 +546,54 @@ class VLMModule(L.LightningModule):
         if batch.generation is not None and self._needs_generation():
             generations = self.generate(batch.generation)
         outputs = EvalOutputs(batch, logits, generations)
-        for name, metric in self.split_metrics[split].items():
+        for metric in self.split_metrics[split].values():
             metric.update_from(outputs)
-            self.log(f"{split}/{name}", metric, prog_bar=True, batch_size=len(batch))
+        for task, metrics in self.task_metrics[split].items() if split in self.task_metrics else ():
+            rows = [i for i, source in enumerate(batch.sources) if source == task]
+            if rows:
+                for metric in metrics.values():
+                    metric.update_from(outputs.select(rows))
+
+    def setup(self, stage: str) -> None:
+        """Per-task metrics: where a split has several sources, a copy of every metric per source, logged as
+        ``<split>/<task>/<name>`` beside the split's overall ``<split>/<name>``."""
+        splits = getattr(self.trainer.datamodule, "splits", None) or {}
+        for split, key in (("val", "validate"), ("test", "test")):
+            tasks = list(splits.get(key) or {})
+            if len(tasks) > 1 and split not in self.task_metrics:
+                self.task_metrics[split] = nn.ModuleDict(
+                    {
+                        task: nn.ModuleDict({n: m.clone() for n, m in self.split_metrics[split].items()})
+                        for task in tasks
+                    }
+                )
+
+    def _log_metrics(self, split: str) -> None:
+        """Compute, log and reset the split's metrics (every rank computes: their states synchronise)."""
+        groups = [("", self.split_metrics[split])]
+        if split in self.task_metrics:
+            groups += [(f"{task}/", metrics) for task, metrics in self.task_metrics[split].items()]
+        with warnings.catch_warnings():  # a task a rank never met is computed from its empty state
+            warnings.filterwarnings("ignore", message=".*compute.*before the.*update", category=UserWarning)
+            for prefix, metrics in groups:
+                for name, metric in metrics.items():
+                    value = metric.compute()
+                    values = value if isinstance(value, dict) else {"": value}
+                    for key, v in values.items():
+                        self.log(
+                            f"{split}/{prefix}{name}" + (f"/{key}" if key else ""),
+                            v,
+                            prog_bar=not prefix and not key,
+                        )
+                    metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+        if self.feature_cache is not None:  # write the features computed for validation images
+            self.feature_cache.flush()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

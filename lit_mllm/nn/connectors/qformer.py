@@ -17,7 +17,9 @@ return ``hidden_states[...]``, which is *before* that norm, so the connector app
 tower already normalises its output.
 
 Only the Q-Former's image path is built (the queries); the text-side embeddings and feed-forward that BLIP-2's
-first stage uses for image-text matching are not needed to feed an LLM. :meth:`QFormerConnector.from_blip2`
+first stage uses are not needed to feed an LLM. That first stage is :class:`lit_mllm.nn.fusion.QFormer` (both
+branches, the same names for the query branch) trained by :class:`lit_mllm.lit.QFormerPretraining`; ``init_from``
+starts this connector from its checkpoint (BLIP-2's stage 2). :meth:`QFormerConnector.from_blip2`
 and :meth:`QFormerConnector.load_blip2_state_dict` read ``transformers`` BLIP-2 checkpoints
 (``Blip2Model`` / ``Blip2ForConditionalGeneration``, or a bare ``Blip2QFormerModel``) and original LAVIS /
 MiniGPT-4 ones (``Qformer.bert.*``, ``ln_vision``, ``opt_proj`` / ``t5_proj`` / ``llama_proj``).
@@ -59,11 +61,15 @@ class _Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, L, H] -> [B, heads, L, H/heads]
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x [B, Q, H]`` attends to ``context [B, L, D]``; ``mask`` (bool, broadcast to ``[B, heads, Q, L]``):
+        True where a position of ``x`` may see one of ``context``; None: everything is seen."""
         q = self._heads(self.q_proj(x))  # [B, h, Q, d]
         k = self._heads(self.k_proj(context))  # [B, h, L, d]
         v = self._heads(self.v_proj(context))  # [B, h, L, d]
-        attn = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
         attn = attn.transpose(1, 2).flatten(2)  # [B, Q, H]
         return self.norm(x + self.out_dropout(self.out_proj(attn)))  # [B, Q, H]
 
@@ -122,6 +128,7 @@ class QFormerConnector(Connector):
         cross_attention_frequency: int = 2,
         dropout: float = 0.0,
         vision_norm: bool = True,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -133,6 +140,9 @@ class QFormerConnector(Connector):
             cross_attention_frequency: Cross-attention to the image in layers 0, f, 2f, ... (BLIP-2: 2, every other layer).
             dropout: Dropout on attention probabilities and residual branches (BLIP-2 pre-training: 0.1).
             vision_norm: LayerNorm the vision features first (BLIP-2's ln_vision); off if the tower already normalises.
+            init_from: A checkpoint of BLIP-2's stage 1 trained here (``.ckpt`` or exported ``.safetensors`` of
+                ``lit_mllm.lit.QFormerPretraining``): its Q-Former's query branch is loaded, the projection stays
+                initialised (stage 1 has no LLM). See :meth:`load_qformer_pretraining`.
         """
         super().__init__(in_dim, out_dim)
         for name, value in (
@@ -170,6 +180,8 @@ class QFormerConnector(Connector):
         )
         self.proj = nn.Linear(hidden_size, out_dim)
         self.reset_parameters()
+        if init_from is not None:
+            self.load_qformer_pretraining(init_from)
 
     def reset_parameters(self) -> None:
         """BERT / BLIP-2 initialisation: normal(0, 0.02) weights and query tokens, zero biases, unit LayerNorms."""
@@ -243,6 +255,40 @@ class QFormerConnector(Connector):
                 f"the checkpoint lacks {missing}; pass strict=False to keep those parameters as initialised{layer_hint}"
             )
         return list(missing)
+
+    def load_qformer_pretraining(self, path: str | os.PathLike) -> list[str]:
+        """Load the query branch of a stage-1 checkpoint (``lit_mllm.lit.QFormerPretraining``: a Lightning ``.ckpt``
+        or an exported ``.safetensors``): its ``qformer.*`` tensors with this connector's names (the same names:
+        query tokens, vision and query norms, every layer's attention and query feed-forward). The text branch and
+        the pre-training heads are left out; ``proj`` keeps its initialisation. Returns the names loaded.
+
+        Raises:
+            ValueError: the file holds no Q-Former, or lacks some of this connector's weights (a stage-1 run with
+                ``vision_norm`` off, or fewer layers).
+            RuntimeError: a weight of another shape (other widths, ``num_queries`` or ``cross_attention_frequency``
+                than stage 1's), from ``load_state_dict``.
+        """
+        from lit_mllm.training.checkpoints import (
+            read_weights,
+        )  # reads .ckpt with weights_only=True, or safetensors
+
+        state_dict, _ = read_weights(path)
+        prefix = "qformer."
+        theirs = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not theirs:
+            raise ValueError(
+                f"{path} holds no 'qformer.*' weights: init_from takes a checkpoint of "
+                "lit_mllm.lit.QFormerPretraining (BLIP-2 stage 1); for a BLIP-2 release use QFormerConnector.from_blip2"
+            )
+        wanted = [k for k in self.state_dict() if not k.startswith("proj.")]
+        missing = [k for k in wanted if k not in theirs]
+        if missing:
+            raise ValueError(
+                f"{path} lacks {len(missing)} of the connector's Q-Former weights (e.g. {missing[:3]}); build the "
+                "connector with the stage-1 Q-Former's options (num_layers, cross_attention_frequency, vision_norm)"
+            )
+        self.load_state_dict({k: theirs[k] for k in wanted}, strict=False)
+        return wanted
 
     @classmethod
     def from_blip2(

@@ -8,6 +8,14 @@ from lit_mllm.nn.fusion.gated_xattn import (
 )
 from lit_mllm.nn.fusion.hyper_attention import HyperAttention, HyperAttentionInputs, HyperAttentionLayer
 from lit_mllm.nn.fusion.prefix import ImageTokenMismatch, splice_image_features
+from lit_mllm.nn.fusion.qformer_pretraining import (
+    PretrainingHeads,
+    QFormer,
+    QFormerFactory,
+    itc_similarity,
+    objective_mask,
+    sample_hard_negatives,
+)
 from lit_mllm.nn.fusion.visual_expert import ExpertInputs, TokenRouted, VisualExpertLayer
 
 __all__ = [
@@ -23,4 +31,10 @@ __all__ = [
     "HyperAttention",
     "HyperAttentionInputs",
     "HyperAttentionLayer",
+    "QFormer",
+    "QFormerFactory",
+    "PretrainingHeads",
+    "objective_mask",
+    "itc_similarity",
+    "sample_hard_negatives",
 ]

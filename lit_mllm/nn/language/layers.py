@@ -29,7 +29,7 @@ results are bit-identical, tested). Nothing is stored on a layer between calls.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 import torch
@@ -48,9 +48,25 @@ class LayerInputs:
 
     A family subclasses it as a dataclass with documented, shaped fields, e.g.
     ``media: Tensor  # [B, T_img, D] visual features`` and ``media_mask: Tensor  # [B, L] latest image per token``.
-    Batch-indexed fields follow the rows of the call (in ``generate``: the prompt rows; beams are refused). The
-    same object reaches every layer on every call, including every step of ``generate``, where the wrapper sees
-    only the new positions (``position_ids`` in its keyword arguments says which)."""
+    Batch-indexed fields follow the rows of the call. In ``generate`` they are the prompt rows, and where
+    ``transformers`` runs several rows per prompt (beam search, several returned sequences) the language model
+    hands the layers :meth:`expand`'s copy, each row repeated as ``transformers`` repeats the prompt rows. The same
+    object reaches every layer on every call, including every step of ``generate``, where the wrapper sees only
+    the new positions (``position_ids`` in its keyword arguments says which)."""
+
+    def expand(self, times: int) -> LayerInputs:
+        """The inputs of a call whose rows are this call's rows each repeated ``times`` times in a row (row ``r``
+        becomes rows ``r * times ... r * times + times - 1``, as ``transformers``' ``generate`` expands a prompt
+        for its beams): every tensor field repeated along its first (row) dimension. A family whose inputs hold a
+        tensor not indexed by row overrides this."""
+        if times == 1:
+            return self
+        repeated = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                repeated[f.name] = value.repeat_interleave(times, dim=0)
+        return replace(self, **repeated)
 
 
 class DecoderLayerWrapper(nn.Module):

@@ -232,26 +232,41 @@ class LanguageModel(nn.Module):
     def generate(
         self, inputs_embeds: Tensor, attention_mask: Tensor, layer_inputs: LayerInputs | None = None, **kwargs
     ) -> Tensor:
-        """Greedy/sampled continuation with a KV cache; returns only the new token ids ``[B, L_new]``. ``kwargs``
-        are ``transformers``' generation options; ``layer_inputs`` reaches every decoder-layer call of every step.
+        """Greedy / beam / sampled continuation of a left-padded prompt batch ``[B, L, D]`` with a KV cache;
+        returns only the new token ids ``[B * n, L_new]`` (``n``: ``num_return_sequences``, default 1), rows that
+        finish early padded with the pad token. ``kwargs`` are ``transformers``' generation options
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ``stop_strings``, ...); with ``stop_strings`` the
+        tokenizer is handed over too, so a row ends once its text holds one.
 
-        ``transformers``' ``generate`` refuses keyword arguments its model's ``forward`` does not name, so the
-        layer inputs are added to each forward call of this one ``generate`` by a keyword pre-hook on the causal
-        LM, removed when it returns (nothing is left on the model or its layers)."""
+        ``layer_inputs`` reaches every decoder-layer call of every step. ``transformers``' ``generate`` refuses
+        keyword arguments its model's ``forward`` does not name, so they are added to each forward call of this one
+        ``generate`` by a keyword pre-hook on the causal LM, removed when it returns (nothing is left on the model
+        or its layers). Where ``transformers`` runs ``k`` rows per prompt row (beam search, several returned
+        sequences: the prompt's rows repeated ``k`` times each), the layers get ``layer_inputs.expand(k)``, made
+        once per call."""
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        extra = _layer_kwargs(layer_inputs)
-        if not extra:
+        if kwargs.get("stop_strings"):
+            kwargs.setdefault("tokenizer", self.tokenizer)
+        if not _layer_kwargs(layer_inputs):
             return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        for option in ("num_beams", "num_return_sequences"):
-            if kwargs.get(option, 1) != 1:
-                raise ValueError(
-                    f"generate with layer_inputs needs {option}=1: transformers would repeat the rows of the batch "
-                    "but not those of the layer inputs"
-                )
+        rows = inputs_embeds.shape[0]
+        expanded: dict[int, LayerInputs] = {1: layer_inputs}
 
         def add_layer_inputs(module: nn.Module, args: tuple, call_kwargs: dict) -> tuple[tuple, dict]:
-            return args, {**call_kwargs, **extra}
+            given = call_kwargs.get("inputs_embeds")
+            given = call_kwargs.get("input_ids") if given is None else given
+            if given is None:
+                given = args[0]
+            if given.shape[0] % rows:
+                raise RuntimeError(
+                    f"generate ran the language model on {given.shape[0]} rows for a prompt batch of {rows}; the "
+                    "layer inputs can follow only whole repeats of the prompt rows (beams, returned sequences)"
+                )
+            times = given.shape[0] // rows
+            if times not in expanded:
+                expanded[times] = layer_inputs.expand(times)
+            return args, {**call_kwargs, **_layer_kwargs(expanded[times])}
 
         handle = self.model.register_forward_pre_hook(add_layer_inputs, with_kwargs=True)
         try:

@@ -12,6 +12,9 @@ import random
 from pathlib import Path
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_tokenizer"
+TINY_BERT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny_bert_tokenizer"
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+"""BERT's special tokens and BLIP-2's ``[DEC]`` (the Q-Former's decoder start token, its ``bos_token``)."""
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -100,6 +103,58 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024):
     return fast
 
 
+def build_tiny_bert_tokenizer(out_dir: str | Path, vocab_size: int = 512):
+    """Build a tiny uncased WordPiece tokenizer (BERT's kind: ``[CLS] text [SEP]``, ``[PAD]`` = 0) with BLIP-2's
+    ``[DEC]`` as its ``bos_token``, for the Q-Former's text branch (BLIP-2 stage 1), and save it.
+
+    The vocabulary is chosen, not trained (the WordPiece trainer breaks ties differently from run to run): the
+    special tokens, every printable ASCII character alone and as a ``##`` continuation, then the corpus' words (and
+    ShapesWorld's "diamond") by frequency, then alphabetically, up to ``vocab_size``. Any text encodes; a word
+    outside the vocabulary becomes characters."""
+    import string
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word
+        for line in [*_corpus(), "diamond diamonds"]
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+    )
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens = [*BERT_SPECIAL_TOKENS, *chars, *("##" + c for c in chars), *words][:vocab_size]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+        model_max_length=512,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
 if __name__ == "__main__":  # regenerate the shipped files
     build_tiny_tokenizer(TINY_TOKENIZER_DIR)
     print(f"wrote {TINY_TOKENIZER_DIR}")
+    build_tiny_bert_tokenizer(TINY_BERT_TOKENIZER_DIR)
+    print(f"wrote {TINY_BERT_TOKENIZER_DIR}")
