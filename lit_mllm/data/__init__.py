@@ -1,11 +1,13 @@
 """Data: the sample type, sources (formats), the mixture plan, task templates, image layouts, processor
-(tokenize + expand image tokens), collation and packing, the DataModule, streaming shards, ShapesWorld, and readers
-for benchmark files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE)."""
+(tokenize + expand image tokens), collation and packing, the DataModule, streaming shards, ShapesWorld, readers
+for benchmark files (VQAv2, TextVQA, GQA, COCO captions, RefCOCO, MME, MMBench, POPE), and the frozen-tower feature
+cache."""
 
 from lit_mllm.data.batch import Batch, LoaderReport
 from lit_mllm.data.benchmarks import GQA, MME, POPE, COCOCaptions, MMBench, RefCOCO, TextVQA, VQAv2
 from lit_mllm.data.collate import collate, pack
 from lit_mllm.data.datamodule import DatasetGenerator, MixtureData
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import AnyRes, Catty, ImageLayout, Letterbox, MM1SubImages, Resize, ResizeCrop
 from lit_mllm.data.mixture import Mixture
 from lit_mllm.data.processor import Processor
@@ -31,6 +33,7 @@ __all__ = [
     "Conversations",
     "DataError",
     "DatasetGenerator",
+    "FeatureCache",
     "GQA",
     "Grounding",
     "ImageLayout",

@@ -42,6 +42,9 @@ class Batch:
     """``[I, 3, S, S]`` every tower input of the batch in reading order (uint8 from the loader); None: no image."""
     images_per_row: list[int]
     """Tower inputs in each row (``sum == I``)."""
+    image_keys: list[str] | None = None
+    """Content key of each tower input (``I`` of them, ``<image hash>/<crop>``) when the model uses a feature cache
+    (:class:`~lit_mllm.data.feature_cache.FeatureCache`); None otherwise."""
     prompts: list[str] | None = None
     """Generation batches: the text of the turn being answered, per sample."""
     references: list[list[str]] | None = None

@@ -94,7 +94,7 @@ def collate(
     sample_index = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
-    pixels = []
+    pixels, keys = [], []
     for r, row in enumerate(rows):
         start = width - sum(lengths[i] for i in row) if padding_side == "left" else 0
         for i in row:
@@ -108,6 +108,7 @@ def collate(
             start += n
             if items[i]["pixel_values"] is not None:
                 pixels.append(items[i]["pixel_values"])
+                keys.append(items[i].get("image_keys"))
         if pack_length:  # padding continues the positions so it never joins a sample's attention block
             position_ids[r, start:] = torch.arange(width - start) + position_ids[r, start - 1] + 1
     packed = pack_length is not None
@@ -125,6 +126,7 @@ def collate(
         position_ids=position_ids if packed else None,
         pixel_values=torch.cat(pixels) if pixels else None,
         images_per_row=[sum(items[i]["num_images"] for i in row) for row in rows],
+        image_keys=[k for ks in keys for k in ks] if keys and None not in keys else None,
         prompts=[it["prompt"] for it in items] if generating else None,
         references=[it["references"] for it in items] if generating else None,
         generation=(

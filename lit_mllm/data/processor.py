@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lit_mllm.data.feature_cache import image_key
 from lit_mllm.data.images import ImageTransform, load_image
 from lit_mllm.data.sample import Sample
 from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation
@@ -31,6 +32,8 @@ class Processor:
     max_length: int | None = None
     eval_prompts: bool = False
     """Evaluation batches also carry each sample's prompt-only form (the model scores generations there)."""
+    image_keys: bool = False
+    """Name each tower input by its image's content and crop index (``image_keys``), for the feature cache."""
 
     def _tokens(self, sample: Sample, for_generation: bool) -> tuple[list[int], list[int]]:
         if sample.text is None:
@@ -82,18 +85,24 @@ class Processor:
 
     def __call__(self, sample: Sample, for_generation: bool = False, with_prompt: bool = False) -> dict:
         """The processed sample: ``input_ids`` / ``labels`` ``[L]``, ``pixel_values`` ``[k, 3, S, S]`` uint8 (or None),
-        ``num_images`` (tower inputs). ``for_generation``: the conversation up to its last assistant turn, with
-        ``prompt`` (the turn answered) and ``references`` (accepted answers: the sample's ``references``, else its
-        last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
+        ``num_images`` (tower inputs), and with :attr:`image_keys` ``image_keys`` (``<content hash>/<crop>`` per
+        tower input, see :func:`~lit_mllm.data.feature_cache.image_key`). ``for_generation``: the conversation up to
+        its last assistant turn, with ``prompt`` (the turn answered) and ``references`` (accepted answers: the
+        sample's ``references``, else its last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
         images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
         crops = [self.image_transform.num_crops(*im.size) for im in images]
         pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]
-        item = self._item(sample, crops, pixels, for_generation)
+        keys = None
+        if self.image_keys:
+            keys = [f"{image_key(ref)}/{c}" for ref, n in zip(sample.images, crops) for c in range(n)]
+        item = self._item(sample, crops, pixels, keys, for_generation)
         if with_prompt and not for_generation:
-            item["generation"] = self._item(sample, crops, pixels, True)
+            item["generation"] = self._item(sample, crops, pixels, keys, True)
         return item
 
-    def _item(self, sample: Sample, crops: list[int], pixels: list, for_generation: bool) -> dict:
+    def _item(
+        self, sample: Sample, crops: list[int], pixels: list, keys: list[str] | None, for_generation: bool
+    ) -> dict:
         ids, labels = self.encode_text(sample, crops, for_generation)
         item = {
             "id": sample.id,
@@ -103,6 +112,7 @@ class Processor:
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": torch.cat(pixels) if pixels else None,  # [sum(crops), 3, S, S]
             "num_images": sum(crops),
+            "image_keys": keys,
         }
         if for_generation:
             answered = sample.turns[-1].role == "assistant"

@@ -38,6 +38,7 @@ from torchmetrics import MeanMetric
 
 from lit_mllm.data.batch import Batch
 from lit_mllm.data.collate import collate
+from lit_mllm.data.feature_cache import FeatureCache, weights_digest
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
@@ -54,6 +55,7 @@ from lit_mllm.training.checkpoints import load_weights
 from lit_mllm.training.peft import add_lora
 from lit_mllm.training.stages import (
     Milestone,
+    Ownership,
     Stage,
     StageSchedule,
     apply_stage,
@@ -131,6 +133,7 @@ class VLMModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         generation: GenerationConfig | None = None,
         metrics: dict[str, EvalMetric] | None = None,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         """Families call this first, add their modules, and end with :meth:`freeze_and_load`."""
         super().__init__()
@@ -171,6 +174,8 @@ class VLMModule(L.LightningModule):
         self.stage = stage.stages[0].stage  # the stage that trains now
         # seeds every training step's random draws (seed_step); kept in checkpoints
         self.run_seed: int | None = None
+        self.feature_cache = feature_cache
+        self._tower_digest: str | None = None  # weights digest of the frozen tower, for the cache key
 
     def freeze_and_load(self, init_from: str | None = None) -> None:
         """End of a family's ``__init__``: apply the stage (every stage of the schedule checked against the parts,
@@ -182,8 +187,22 @@ class VLMModule(L.LightningModule):
             for module in resolve(parts, name):
                 add_lora(module, spec, name)
         apply_stage(parts, self.stage)
+        if self.feature_cache is not None:
+            self._check_feature_cache(parts)
         if init_from is not None:
             load_weights(self, init_from)
+
+    def _check_feature_cache(self, parts: dict[str, nn.Module | list[nn.Module]]) -> None:
+        """Refuse a feature cache when a stage of the run trains the tower (its features change every step)."""
+        tower = {id(p) for p in self.vision_tower.parameters()}
+        for milestone in self.schedule.stages:
+            plan = Ownership(parts, milestone.stage)
+            if any(owner.trains for key, (_, _, owner) in plan.params.items() if key in tower):
+                raise ValueError(
+                    f"feature_cache is set but stage {milestone.stage.name!r} trains the vision tower (or some of "
+                    "its blocks or adapters), whose features then change at every step: remove feature_cache, or "
+                    "keep the tower frozen (run a stage that trains it as a separate run without the cache)"
+                )
 
     # -- what a family provides -------------------------------------------------------------------------------
     @classmethod
@@ -218,23 +237,77 @@ class VLMModule(L.LightningModule):
             tokens_per_image=self.tokens_per_image,
             max_length=lm.max_length,
             eval_prompts=self._needs_generation(),
+            image_keys=self.feature_cache is not None,
         )
 
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
+    def encode_images(self, pixel_values: Tensor, image_keys: list[str] | None = None) -> Tensor:
         """``[I, 3, S, S] -> [I, T, D_llm]``; a frozen tower runs without autograd. uint8 images (what the
-        processor gives) are normalised here with the tower's mean/std; float input is taken as normalised."""
+        processor gives) are normalised here with the tower's mean/std; float input is taken as normalised.
+
+        With a :class:`~lit_mllm.data.feature_cache.FeatureCache` and the batch's ``image_keys`` (the processor
+        gives them when the cache is set), the tower runs only on the inputs the cache misses; the key of the
+        features is :meth:`feature_identity`."""
+        trains = part_trains(self.parts(), "vision_tower")
+        if self.feature_cache is None or image_keys is None:
+            features = self._tower_features(pixel_values, trains)  # [I, N, D_v]
+        elif trains:
+            raise RuntimeError(
+                "the vision tower trains but the model has a feature cache, which serves only a frozen tower; "
+                "something unfroze the tower outside the stage (the stage was checked when the model was built)"
+            )
+        else:
+            features = self.feature_cache.features(
+                self.feature_identity(pixel_values.device),
+                pixel_values,
+                image_keys,
+                lambda pixels: self._tower_features(pixels, False),
+            )
+        return self.connector(features)  # [I, T, D_llm]
+
+    def _tower_features(self, pixel_values: Tensor, trains: bool) -> Tensor:
+        """``[I, 3, S, S] -> [I, N, D_v]``: normalise uint8 pixels and run the tower (autograd only if it trains)."""
         tower = self.vision_tower
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize(pixel_values, tower.mean, tower.std)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and part_trains(self.parts(), "vision_tower")):
-            features = tower(pixel_values)  # [I, N, D_v]
-        return self.connector(features)  # [I, T, D_llm]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            return tower(pixel_values)  # [I, N, D_v]
+
+    def feature_identity(self, device: torch.device) -> dict:
+        """Everything that changes the frozen tower's features, as the feature cache's key: the tower's class,
+        weights digest and settings (its public scalar attributes: feature layer, image size, prefix tokens, ...),
+        the normalisation, the image layout, the weights' dtype, the autocast dtype and the device type. The
+        weights digest is computed once per fit / validation / test / predict run."""
+        tower = self.vision_tower
+        if self._tower_digest is None:
+            self._tower_digest = weights_digest(tower)
+        settings = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in sorted(vars(tower).items())
+            if not k.startswith("_") and k != "training" and isinstance(v, int | float | str | bool | tuple)
+        }
+        first = next(tower.parameters(), None)
+        autocast = torch.is_autocast_enabled(device.type)
+        return {
+            "tower": f"{type(tower).__module__}.{type(tower).__qualname__}",
+            "weights": self._tower_digest,
+            "settings": settings,
+            "image_size": tower.image_size,
+            "num_features": tower.num_features,
+            "mean": list(tower.mean),
+            "std": list(tower.std),
+            "layout": repr(self.image_layout),
+            "param_dtype": str(first.dtype if first is not None else None),
+            "autocast": str(torch.get_autocast_dtype(device.type)) if autocast else None,
+            "device": device.type,
+        }
 
     def inputs(self, batch: Batch) -> LanguageInputs:
         """The family's :meth:`language_inputs` for ``batch``, its images encoded. A text-only batch under DDP runs
         a blank image so the connector (and tower) take part in the backward pass like on every other rank; its
         contribution is exactly zero."""
-        images = None if batch.pixel_values is None else self.encode_images(batch.pixel_values)
+        images = None
+        if batch.pixel_values is not None:
+            images = self.encode_images(batch.pixel_values, batch.image_keys)
         inputs = self.language_inputs(batch, images)
         if images is None and self.needs_blank_image():
             tower = self.vision_tower
@@ -384,7 +457,45 @@ class VLMModule(L.LightningModule):
         facts["connector_flops_per_image"] = connector_flops(self.connector, self.vision_tower.num_features)
         return facts
 
+    # -- the feature cache: the tower's digest taken afresh per run, entries written at epoch ends, the log line --
+    def _start_run(self) -> None:
+        self._tower_digest = None
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":  # a fit's validations share the fit's digest
+            self._start_run()
+
+    def on_test_start(self) -> None:
+        self._start_run()
+
+    def on_predict_start(self) -> None:
+        self._start_run()
+
+    def on_train_epoch_end(self) -> None:
+        if self.feature_cache is None:
+            return
+        self.feature_cache.flush()
+        counts = self.feature_cache.take_epoch()
+        self.log("data/feature_cache_served", counts.served)
+        rank_zero_info(f"epoch {self.current_epoch}: feature cache served {counts} (rank 0)")
+
+    def teardown(self, stage: str) -> None:
+        if self.feature_cache is None:
+            return
+        self.feature_cache.flush()
+        counts = self.feature_cache.run
+        if counts.hits + counts.misses == 0:
+            verdict = "was not used"
+        else:
+            verdict = (
+                "served" if counts.misses == 0 else "did not serve" if counts.hits == 0 else "partly served"
+            )
+        rank_zero_info(
+            f"feature cache {verdict} the run: {counts} so far (rank 0); {self.feature_cache.describe()}"
+        )
+
     def on_fit_start(self) -> None:
+        self._start_run()
         if len(self.schedule.stages) > 1:
             rank_zero_info(f"stages: {self.schedule.describe()}")
         rank_zero_info(trainable_table(self.parts(), self.stage))
@@ -478,6 +589,8 @@ class VLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if self.feature_cache is not None:  # write the features computed for validation images
+            self.feature_cache.flush()
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import ImageLayout
 from lit_mllm.eval.generation import GenerationConfig
 from lit_mllm.eval.metrics import EvalMetric
@@ -51,6 +52,7 @@ class CogVLM(VLMModule):
         metrics: dict[str, EvalMetric] | None = None,
         expert_layers: list[int] | None = None,
         routed: list[str] | None = None,
+        feature_cache: FeatureCache | None = None,
         init_from: str | None = None,
     ) -> None:
         """
@@ -70,6 +72,8 @@ class CogVLM(VLMModule):
             routed: Modules of each decoder layer (paths inside the Hugging Face layer) that get an expert copy;
                 None: query, key, value and output projections and the MLP (``self_attn.q_proj``, ``k_proj``,
                 ``v_proj``, ``o_proj``, ``mlp``: Llama / Qwen2 names), as in CogVLM.
+            feature_cache: A frozen tower's features read from disk instead of recomputed (off by default;
+                refused when a stage trains the tower): see ``lit_mllm.data.FeatureCache``.
             init_from: Weights to start from after the parts are built (a ``.ckpt`` of an earlier stage or an
                 exported ``model.safetensors``).
         """
@@ -83,6 +87,7 @@ class CogVLM(VLMModule):
             scheduler,
             generation,
             metrics,
+            feature_cache=feature_cache,
         )
         self.save_hyperparameters(
             ignore=[
@@ -93,6 +98,7 @@ class CogVLM(VLMModule):
                 "optimizer",
                 "scheduler",
                 "metrics",
+                "feature_cache",
             ]
         )
         paths = list(ROUTED if routed is None else routed)

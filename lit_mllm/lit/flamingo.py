@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import ImageLayout, Letterbox, Resize, ResizeCrop
 from lit_mllm.eval.generation import GenerationConfig
 from lit_mllm.eval.metrics import EvalMetric
@@ -66,6 +67,7 @@ class FlamingoVLM(VLMModule):
         scheduler: LRSchedulerCallable | None = None,
         generation: GenerationConfig | None = None,
         metrics: dict[str, EvalMetric] | None = None,
+        feature_cache: FeatureCache | None = None,
         init_from: str | None = None,
     ) -> None:
         """
@@ -87,6 +89,8 @@ class FlamingoVLM(VLMModule):
             scheduler: Learning-rate scheduler class and options, stepped every optimizer step.
             generation: How replies are decoded in ``predict`` and for generation metrics.
             metrics: Evaluation metrics by name, logged as ``val/<name>`` and ``test/<name>``.
+            feature_cache: A frozen tower's features read from disk instead of recomputed (off by default;
+                refused when a stage trains the tower): see ``lit_mllm.data.FeatureCache``.
             init_from: Weights to start from after the parts are built: a ``.ckpt`` of an earlier stage or an
                 exported ``model.safetensors``.
         """
@@ -108,6 +112,7 @@ class FlamingoVLM(VLMModule):
             scheduler,
             generation,
             metrics,
+            feature_cache=feature_cache,
         )
         self.save_hyperparameters(
             ignore=[
@@ -119,6 +124,7 @@ class FlamingoVLM(VLMModule):
                 "optimizer",
                 "scheduler",
                 "metrics",
+                "feature_cache",
             ]
         )
         # The LLM's sequence holds one marker per image; the T visual tokens reach it through the blocks.

@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import ImageLayout, Letterbox, Resize, ResizeCrop
 from lit_mllm.eval.generation import GenerationConfig
 from lit_mllm.eval.metrics import EvalMetric
@@ -57,6 +58,7 @@ class MPLUGOwl3VLM(VLMModule):
         scheduler: LRSchedulerCallable | None = None,
         generation: GenerationConfig | None = None,
         metrics: dict[str, EvalMetric] | None = None,
+        feature_cache: FeatureCache | None = None,
         init_from: str | None = None,
     ) -> None:
         """
@@ -75,6 +77,8 @@ class MPLUGOwl3VLM(VLMModule):
             scheduler: Learning-rate scheduler class and options, stepped every optimizer step.
             generation: How replies are decoded in ``predict`` and for generation metrics.
             metrics: Evaluation metrics by name, logged as ``val/<name>`` and ``test/<name>``.
+            feature_cache: A frozen tower's features read from disk instead of recomputed (off by default;
+                refused when a stage trains the tower): see ``lit_mllm.data.FeatureCache``.
             init_from: Weights to start from after the parts are built: a ``.ckpt`` of an earlier stage or an
                 exported ``model.safetensors``.
         """
@@ -94,6 +98,7 @@ class MPLUGOwl3VLM(VLMModule):
             scheduler,
             generation,
             metrics,
+            feature_cache=feature_cache,
         )
         self.save_hyperparameters(
             ignore=[
@@ -104,6 +109,7 @@ class MPLUGOwl3VLM(VLMModule):
                 "optimizer",
                 "scheduler",
                 "metrics",
+                "feature_cache",
             ]
         )
         lm = self.language_model

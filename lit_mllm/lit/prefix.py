@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_mllm.data.batch import Batch
+from lit_mllm.data.feature_cache import FeatureCache
 from lit_mllm.data.layouts import ImageLayout
 from lit_mllm.eval.generation import GenerationConfig
 from lit_mllm.eval.metrics import EvalMetric
@@ -41,6 +42,7 @@ class PrefixFusionVLM(VLMModule):
         scheduler: LRSchedulerCallable | None = None,
         generation: GenerationConfig | None = None,
         metrics: dict[str, EvalMetric] | None = None,
+        feature_cache: FeatureCache | None = None,
         init_from: str | None = None,
     ) -> None:
         """
@@ -58,6 +60,8 @@ class PrefixFusionVLM(VLMModule):
                 32 new tokens).
             metrics: Evaluation metrics by name, logged as ``val/<name>`` and ``test/<name>`` (default
                 ``{accuracy: ReplyExactMatch}``, teacher-forced reply exact match).
+            feature_cache: A frozen tower's features read from disk instead of recomputed (off by default;
+                refused when a stage trains the tower): see ``lit_mllm.data.FeatureCache``.
             init_from: Weights to start from, after the parts are built from their sources: a checkpoint of an
                 earlier stage (``.ckpt``) or an exported ``model.safetensors``; every tensor in it must match.
         """
@@ -71,6 +75,7 @@ class PrefixFusionVLM(VLMModule):
             scheduler,
             generation,
             metrics,
+            feature_cache=feature_cache,
         )
         self.save_hyperparameters(
             ignore=[
@@ -81,6 +86,7 @@ class PrefixFusionVLM(VLMModule):
                 "optimizer",
                 "scheduler",
                 "metrics",
+                "feature_cache",
             ]
         )
         self.freeze_and_load(init_from)
