@@ -58,9 +58,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss_computed_by_hand(model, shapes
 def rows(perplexities: list[float], ids: list[str] | None = None, skipped: dict[int, str] | None = None):
     ids = ids or [f"r{i:03d}" for i in range(len(perplexities))]
     skipped = skipped or {}
-    return [
-        Score("s", i, ids[i], 3, math.log(p), p, skipped.get(i, "")) for i, p in enumerate(perplexities)
-    ]
+    return [Score("s", i, ids[i], 3, math.log(p), p, skipped.get(i, "")) for i, p in enumerate(perplexities)]
 
 
 @settings(max_examples=60, deadline=None)

@@ -20,7 +20,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_mllm.commands.lightning import build_cli
@@ -63,7 +62,9 @@ def parser() -> argparse.ArgumentParser:
         default="ascending",
         help="ascending keeps the lowest perplexities (POINTS), descending the highest (default: ascending)",
     )
-    p.add_argument("--shard_size", type=int, default=1000, help="Samples per written .tar shard (default 1000)")
+    p.add_argument(
+        "--shard_size", type=int, default=1000, help="Samples per written .tar shard (default 1000)"
+    )
     return p
 
 
@@ -203,7 +204,9 @@ def source_report(name: str, source, scores: list[Score], known, out: Path, imag
         entry["filtered"] = write_subset(
             source, [s.index for s in kept], out / "filtered" / name, known.shard_size
         )
-    entry["histogram"] = histogram(scores, cut, f"{name}: {len(order)} records", out / f"histogram_{name}.png")
+    entry["histogram"] = histogram(
+        scores, cut, f"{name}: {len(order)} records", out / f"histogram_{name}.png"
+    )
     return entry
 
 
@@ -220,7 +223,9 @@ def main(args: list[str]) -> dict:
     names = known.source or list(every)
     unknown = [n for n in names if n not in every]
     if unknown:
-        raise ValueError(f"no source {unknown[0]!r} in the {known.split} split; its sources are {list(every)}")
+        raise ValueError(
+            f"no source {unknown[0]!r} in the {known.split} split; its sources are {list(every)}"
+        )
     sources = {n: every[n] for n in names}
     if known.keep is not None or known.threshold is not None:
         for n, s in sources.items():
@@ -234,7 +239,10 @@ def main(args: list[str]) -> dict:
     meta_path = out / "scores.meta.json"
     if meta_path.exists():
         before = json.loads(meta_path.read_text())
-        if before["checkpoint"]["sha256"] != scored_with["checkpoint"]["sha256"] or before["split"] != known.split:
+        if (
+            before["checkpoint"]["sha256"] != scored_with["checkpoint"]["sha256"]
+            or before["split"] != known.split
+        ):
             raise ValueError(
                 f"{out} holds scores of checkpoint {before['checkpoint']['path']} on the {before['split']} split; "
                 "give another --out to score with another checkpoint or split"
@@ -246,7 +254,9 @@ def main(args: list[str]) -> dict:
     model.to(device).eval()
     sidecar = out / "scores.csv"
     for name, source in sources.items():
-        score_source(model, datamodule, name, source, sidecar, device, trainer.precision_plugin.forward_context)
+        score_source(
+            model, datamodule, name, source, sidecar, device, trainer.precision_plugin.forward_context
+        )
 
     scores = read_scores(sidecar)
     image_token = datamodule.processor.image_token
@@ -267,6 +277,8 @@ def main(args: list[str]) -> dict:
     for n, entry in report["sources"].items():
         kept = f", kept {entry['kept']}" if "kept" in entry else ""
         median = entry.get("perplexity", {}).get("median", math.nan)
-        print(f"{n}: {entry['scored']} of {entry['records']} records scored, median perplexity {median:.3f}{kept}")
+        print(
+            f"{n}: {entry['scored']} of {entry['records']} records scored, median perplexity {median:.3f}{kept}"
+        )
     print(f"wrote {out / 'report.json'}")
     return report

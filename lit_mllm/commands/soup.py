@@ -19,7 +19,7 @@ from lit_mllm.commands.evaluate import SPLITS, first_prompts
 from lit_mllm.commands.lightning import build_cli
 from lit_mllm.eval.report import build_report, file_digest, write_report
 from lit_mllm.training.checkpoints import WeightsMismatch, load_weights
-from lit_mllm.training.soups import METHODS, Ingredient, State, cook, save_soup
+from lit_mllm.training.soups import METHODS, Ingredient, State, check_compatible, cook, save_soup
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", action="append", required=True, help="A checkpoint to merge (repeat for each)")
     p.add_argument("--method", choices=METHODS, default="greedy", help="How to merge (default: greedy)")
-    p.add_argument("--metric", default="val/accuracy", help="Selection metric as logged (default val/accuracy)")
+    p.add_argument(
+        "--metric", default="val/accuracy", help="Selection metric as logged (default val/accuracy)"
+    )
     p.add_argument(
         "--mode", choices=("max", "min"), default="max", help="Whether higher (max) or lower (min) is better"
     )
@@ -80,6 +82,7 @@ def main(args: list[str]) -> dict:
     known, rest = parser().parse_known_args(args)
     cli = build_cli(rest, run=False)
     ingredients = [Ingredient.read(path) for path in known.ckpt]
+    check_compatible(ingredients)
     for ingredient in ingredients:  # each must fit the config's model (names and shapes), as evaluate checks
         load_weights(cli.model, ingredient.path)
     scorer = Scorer(cli, known.split, known.metric)
@@ -118,7 +121,9 @@ def main(args: list[str]) -> dict:
         "steps": soup.steps,
     }
     (out / "soup.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{known.method} soup of {len(soup.members)} of {len(ingredients)} checkpoints: {known.metric} {soup.score:.4f}")
+    print(
+        f"{known.method} soup of {len(soup.members)} of {len(ingredients)} checkpoints: {known.metric} {soup.score:.4f}"
+    )
     for p, s in soup.member_scores.items():
         print(f"  member {p}: {s:.4f}")
     print(f"wrote {path} and {out / 'soup.json'}")

@@ -103,7 +103,9 @@ def read_scores(path: Path) -> list[Score]:
         if header is None:
             return []
         if tuple(header) != FIELDS:
-            raise ValueError(f"{path} is not a score sidecar: its header is {header}, expected {list(FIELDS)}")
+            raise ValueError(
+                f"{path} is not a score sidecar: its header is {header}, expected {list(FIELDS)}"
+            )
         return [
             Score(s, int(i), id_, int(t), float(loss), float(ppl), skipped)
             for s, i, id_, t, loss, ppl, skipped in reader

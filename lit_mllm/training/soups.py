@@ -88,13 +88,17 @@ def average(states: list[State]) -> State:
     out = {}
     for name, first in states[0].items():
         if first.is_floating_point() or first.is_complex():
-            total = torch.zeros(first.shape, dtype=torch.float64 if first.is_floating_point() else torch.complex128)
+            total = torch.zeros(
+                first.shape, dtype=torch.float64 if first.is_floating_point() else torch.complex128
+            )
             for state in states:
                 total += state[name].to(total.dtype)
             out[name] = (total / len(states)).to(first.dtype)
         else:
             if any(not torch.equal(state[name], first) for state in states[1:]):
-                raise SoupMismatch(f"integer tensor {name!r} differs between the checkpoints; it cannot be averaged")
+                raise SoupMismatch(
+                    f"integer tensor {name!r} differs between the checkpoints; it cannot be averaged"
+                )
             out[name] = first.clone()
     return out
 
@@ -133,7 +137,9 @@ def cook(
     member_scores = {str(ingredients[k].path): scores[k] for k in ranked}
     best = ranked[0]
     if method == "max":
-        return Soup(method, [ingredients[best].path], dict(ingredients[best].state), scores[best], member_scores)
+        return Soup(
+            method, [ingredients[best].path], dict(ingredients[best].state), scores[best], member_scores
+        )
     if method == "uniform":
         state = average([i.state for i in ingredients])
         value = score(state)
@@ -146,7 +152,9 @@ def cook(
         trial_score = score(trial)
         accepted = trial_score > value if higher_is_better else trial_score < value
         names = [str(ingredients[m].path) for m in members + [k]]
-        steps.append({"added": str(ingredients[k].path), "members": names, "score": trial_score, "accepted": accepted})
+        steps.append(
+            {"added": str(ingredients[k].path), "members": names, "score": trial_score, "accepted": accepted}
+        )
         if accepted:
             members, state, value = members + [k], trial, trial_score
     return Soup(method, [ingredients[m].path for m in members], state, value, member_scores, steps)
