@@ -105,12 +105,17 @@ def test_sidecar_drops_a_line_cut_short(tmp_path):
     assert path.read_text().endswith("1.6487212707001282,\n")
 
 
-def caption_config(tmp_path: Path) -> str:
-    """Training sources in three formats over ShapesWorld's caption pairs."""
+def caption_config(tmp_path: Path, shapes_root: Path) -> str:
+    """Training sources in three formats over ShapesWorld's caption pairs; in the LLaVA one, record 3's image is
+    missing."""
+    records = json.loads((shapes_root / "captions_train.json").read_text())
+    records[3]["image"] = "images/missing.png"
+    (tmp_path / "captions_train.json").write_text(json.dumps(records))
     path = tmp_path / "captions.yaml"
     path.write_text(
         "data:\n  init_args:\n    train:\n"
-        "      llava: {class_path: lit_mllm.data.Conversations, init_args: {path: captions_train.json}}\n"
+        f"      llava: {{class_path: lit_mllm.data.Conversations, init_args: {{path: {tmp_path / 'captions_train.json'}, "
+        f"image_folder: {shapes_root}}}}}\n"
         "      manifest: {class_path: lit_mllm.data.Captions, init_args: {path: captions_train.csv}}\n"
         "      shards: {class_path: lit_mllm.data.Captions, init_args: {path: captions_train}}\n"
     )
@@ -126,18 +131,26 @@ def checkpoint_of(args: list[str], path: Path) -> Path:
 
 
 def test_score_data_filters_every_format_and_resumes_after_a_kill(tmp_path, shapes_root):
-    args = ["--config", QUICKSTART, "--config", caption_config(tmp_path), *SMALLER]
+    args = ["--config", QUICKSTART, "--config", caption_config(tmp_path, shapes_root), *SMALLER]
     args += cli_args(shapes_root, tmp_path, batch_size=8)
     ckpt = checkpoint_of(args, tmp_path / "model.ckpt")
     out = tmp_path / "scored"
     command = ["score-data", *args, "--ckpt_path", str(ckpt), "--out", str(out), "--keep", "0.25"]
     report = run(command)
     first = read_scores(out / "scores.csv")
-    assert len(first) == 3 * 24 and all(s.scored for s in first)
-    assert len({(s.source, s.index) for s in first}) == len(first)
+    assert len(first) == 3 * 24 and len({(s.source, s.index) for s in first}) == len(first)
+    [bad] = [s for s in first if not s.scored]
+    assert (bad.source, bad.index, bad.id, bad.skipped) == (
+        "llava",
+        3,
+        "train_000003_caption",
+        "missing_file",
+    )
+    assert report["sources"]["llava"]["skipped"] == {"missing_file": 1}
 
     for name, source in report["sources"].items():
-        assert source["scored"] == 24 and source["kept"] == 6  # floor(0.25 * 24)
+        n = 23 if name == "llava" else 24
+        assert source["scored"] == n and source["kept"] == math.floor(0.25 * n)
         kept = select([s for s in first if s.source == name], keep=0.25)
         assert source["cut_perplexity"] == kept[-1].perplexity
         assert len(source["lowest"]) == len(source["highest"]) == 5
@@ -151,22 +164,25 @@ def test_score_data_filters_every_format_and_resumes_after_a_kill(tmp_path, shap
         assert got == sorted(s.id for s in kept)
         copy.sample(0, "<image>")  # its images resolve
     # JSON records are kept as they were
-    original = {r["id"]: r for r in json.loads((shapes_root / "captions_train.json").read_text())}
+    original = {r["id"]: r for r in json.loads((tmp_path / "captions_train.json").read_text())}
     llava = json.loads(Path(report["sources"]["llava"]["filtered"]["init_args"]["path"]).read_text())
     assert all(r == original[r["id"]] for r in llava)
     with open(report["sources"]["manifest"]["filtered"]["init_args"]["path"], newline="") as f:
         assert next(csv.reader(f)) == ["image", "caption"]
 
-    # a kill part-way: the last rows lost, the line being written cut short; a rerun scores only what is missing
+    # a kill part-way: the rows after the bad record lost, the line being written cut short; a rerun scores only
+    # what is missing, checking the ids of what it skips
     text = (out / "scores.csv").read_text().splitlines(keepends=True)
-    (out / "scores.csv").write_text("".join(text[:-30]) + text[-30][:7])
+    assert text[4].startswith("llava,3,train_000003_caption,0,nan,nan,missing_file")
+    (out / "scores.csv").write_text("".join(text[:6]) + text[6][:7])
     run(command)
     again = read_scores(out / "scores.csv")
     by_key = {(s.source, s.index): s for s in first}
     assert len(again) == len(first)
     for s in again:
         assert s.id == by_key[s.source, s.index].id
-        assert s.perplexity == pytest.approx(by_key[s.source, s.index].perplexity, rel=1e-5)
+        assert s.skipped == by_key[s.source, s.index].skipped
+        assert s.perplexity == pytest.approx(by_key[s.source, s.index].perplexity, rel=1e-5, nan_ok=True)
 
     other = torch.load(ckpt, weights_only=True)
     next(iter(other["state_dict"].values())).add_(1.0)

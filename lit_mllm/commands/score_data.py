@@ -79,14 +79,15 @@ class _ToScore(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            sample_id = self.source.sample(i, self.loader.processor.image_token).id
+        except DataError:  # a record too malformed to name itself
+            sample_id = ""
         if i in self.done:
-            try:
-                found = self.source.sample(i, self.loader.processor.image_token).id
-            except DataError:
-                found = ""
-            return {"index": i, "done": found}
+            return {"index": i, "done": sample_id}
         item = self.loader.item(self.name, i)
         item["index"] = i
+        item.setdefault("id", sample_id)  # a record the processor refused keeps its id in the sidecar
         return item
 
 
@@ -127,7 +128,7 @@ def score_source(model, datamodule, name: str, source, sidecar: Path, device, fo
                             f"it as {done[it['index']]!r}: the source changed since; score into a new --out"
                         )
                 else:
-                    rows.append(Score(name, it["index"], "", 0, math.nan, math.nan, it["skipped"]))
+                    rows.append(Score(name, it["index"], it["id"], 0, math.nan, math.nan, it["skipped"]))
             if batch is not None:
                 with forward_context():
                     rows += batch_scores(model, batch.to(device), name, indices)
