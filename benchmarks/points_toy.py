@@ -10,7 +10,7 @@ two skill-specific fine-tunes beat each of them? On ShapesWorld with noisy capti
    colour-only and on the count-only set; both and their uniform / greedy soups are scored on the two skills'
    validation sets (``val/accuracy`` over both, and per skill).
 
-    python benchmarks/points_toy.py            # about 20 minutes on 2 CPU cores
+    python benchmarks/points_toy.py            # sized for ~20 minutes on 2 CPU cores; not timed yet
     python benchmarks/points_toy.py --quick    # the pipeline end to end, minutes; its numbers mean nothing
 
 Prints a table per experiment and ends with ``points_filter_gain: <value>`` (unfiltered minus filtered clean
