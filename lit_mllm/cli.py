@@ -56,6 +56,16 @@ COMMANDS: dict[str, Command] = {
         "--config FILE --ckpt_path CKPT [--split val|test]",
         "score a model on a split with the config's metrics; a JSON report of scores and what produced them",
     ),
+    "score-data": Command(
+        "lit_mllm.commands.score_data",
+        "--config FILE --ckpt_path CKPT --out DIR [--keep 0.2 | --threshold X]",
+        "perplexity of every record under a model (resumable sidecar); a filtered copy of each source, a report",
+    ),
+    "soup": Command(
+        "lit_mllm.commands.soup",
+        "--config FILE --ckpt A --ckpt B ... --method uniform|max|greedy --out DIR",
+        "average checkpoints of one model (uniform, best single, greedy by a validation metric) into one",
+    ),
     "describe": Command(
         "lit_mllm.commands.describe",
         "--config FILE",

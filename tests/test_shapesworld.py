@@ -691,3 +691,95 @@ def test_multi_image_data_config_trains_a_tiny_prefix_model(multi_root, tmp_path
     val = cli.datamodule.samples("validate")
     assert len(val) == MULTI["num_multi_val"] and all(len(s.images) >= 2 for s in val)
     assert 0 < scores["majority"] < 0.5 and scores["blind"] < 0.7
+
+
+# -- variants for data selection and merging: noisy captions, skill-specific instruction sets -------------------
+VARIANTS = dict(image_size=32, num_train=20, num_val=6, num_test=4, min_object_px=4, shard_size=8, seed=11)
+
+
+@pytest.fixture(scope="module")
+def variant_roots(tmp_path_factory) -> tuple[Path, Path]:
+    """The same world without and with the variants on."""
+    base = tmp_path_factory.mktemp("variants")
+    ShapesWorld(**VARIANTS).write(base / "plain")
+    ShapesWorld(
+        **VARIANTS, noisy_captions=0.25, rare_token_captions=0.2, skill_sets=("colour", "count")
+    ).write(base / "noisy")
+    return base / "plain", base / "noisy"
+
+
+def test_variants_leave_every_other_file_as_it_was(variant_roots):
+    plain, noisy = variant_roots
+    extra = {"noise_train.json", *(f"skill_{k}_{s}.json" for k in ("colour", "count") for s in SPLITS)}
+    files = lambda root: {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(noisy) == files(plain) | extra
+    noisy_caption_files = {"captions_train.json", "captions_train.jsonl", "captions_train.csv"}
+    for name in files(plain) - noisy_caption_files - {"shapesworld.json"}:
+        if not name.startswith("captions_train/"):
+            assert (noisy / name).read_bytes() == (plain / name).read_bytes(), name
+
+
+def test_noisy_captions_are_unrelated_or_junk_in_every_format_and_recorded(variant_roots):
+    plain, noisy = variant_roots
+    true = [r["conversations"][-1]["value"] for r in json.loads((plain / "train.json").read_text())]
+    record = json.loads((noisy / "noise_train.json").read_text())
+    unrelated = {e["index"] for e in record["unrelated"]}
+    rare = {e["index"] for e in record["rare_tokens"]}
+    assert (
+        len(unrelated) == 5 and len(rare) == 4 and not unrelated & rare
+    )  # floor(0.25 * 20), floor(0.2 * 20)
+    llava = json.loads((noisy / "captions_train.json").read_text())
+    manifest = {row["image"]: row["caption"] for row in jsonl(noisy / "captions_train.jsonl")}
+    shards = {}
+    for shard in sorted((noisy / "captions_train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            shards.update(
+                {m.name[:-4]: tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")}
+            )
+    for kind in ("unrelated", "rare_tokens"):
+        for e in record[kind]:
+            assert llava[e["index"]]["id"] == e["id"] and llava[e["index"]]["image"] == e["image"]
+            caption = llava[e["index"]]["conversations"][1]["value"]
+            assert manifest[e["image"]] == caption and shards[e["key"]] == caption
+    for i, r in enumerate(llava):
+        caption, own = r["conversations"][1]["value"], true[i]
+        if i in unrelated:
+            assert caption != own and caption in true  # another image's true caption
+        elif i in rare:
+            words = caption.split(" ")
+            junk = [w for w in words if w not in own.split(" ")]
+            assert 2 <= len(junk) <= 4 and " ".join(w for w in words if w not in junk) == own
+        else:
+            assert caption == own
+    assert (noisy / "captions_val.json").read_bytes() == (plain / "captions_val.json").read_bytes()
+
+
+def test_skill_sets_ask_one_kind_and_answer_truly(variant_roots):
+    plain, noisy = (
+        variant_roots  # the objects read from the true captions (the noisy world's are not all true)
+    )
+    objects = (
+        scene_objects(plain, "train")
+        | scene_objects(plain, "val")
+        | {r["image"]: caption_objects(r["caption"], 2) for r in jsonl(plain / "captions_test.jsonl")}
+    )
+    for split in SPLITS:
+        for kind in ("colour", "count"):
+            records = json.loads((noisy / f"skill_{kind}_{split}.json").read_text())
+            assert records and all(r["meta"] == {"kind": kind} for r in records)
+            for r in records:
+                turns = r["conversations"]
+                assert len(turns) % 2 == 0 and (split == "train" or len(turns) == 2)
+                things = objects[r["image"]]
+                questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+                assert len(set(questions)) == len(questions)
+                for question, answer in zip(questions, (t["value"] for t in turns[1::2])):
+                    if kind == "count":
+                        assert question.startswith("How many shapes") and answer == str(len(things))
+                    else:
+                        shape = re.fullmatch(r"What color is the (\w+)\? Answer with one word\.", question)[1]
+                        assert [c for _, c, s, _ in things if s == shape] == [answer]
+    with pytest.raises(ValueError, match="skill_sets must be distinct question kinds"):
+        ShapesWorld(**VARIANTS, skill_sets=("text",))
+    with pytest.raises(ValueError, match="together at most 1"):
+        ShapesWorld(**VARIANTS, noisy_captions=0.6, rare_token_captions=0.5)

@@ -22,6 +22,11 @@ are asked over 2-4 of a split's images (``images_per_question``), in LLaVA's mul
 OBELICS-style documents (``multi_interleaved_{split}.jsonl``): do both images contain X (yes/no), which image
 has the most shapes, which image shows X (an image number), how many shapes all the images show together.
 
+Variants for data selection and merging, off by default (the files above stay byte for byte the same):
+``noisy_captions`` / ``rare_token_captions`` make a fraction of the training caption pairs describe another image or
+carry junk tokens (which ones: ``noise_train.json``), for perplexity filters; ``skill_sets`` writes instruction sets
+that each teach one question kind (``skill_{kind}_{split}.json``), for model soups and data selection.
+
 Question kinds: colour ("What color is the circle?"), shape ("What shape is the red object?"), count
 ("How many shapes are there?"), position ("Where is the blue square?" -> "top left"), existence
 ("Is there a green triangle?" -> "yes"/"no", balanced) and, with ``text_px`` set, text ("What word is
@@ -57,6 +62,7 @@ ALL_KINDS = (*QUESTION_KINDS, "text", "caption", "both", "most", "which", "total
 turn, and the multi-image kinds (``shapesworld_formats.MULTI_KIND_NAMES``)."""
 TEXT_COLOUR = (0, 0, 0)  # the drawn word: no object has this colour
 
+QuestionKind = Literal["colour", "shape", "count", "position", "existence", "text"]
 Extra = Literal["caption_shards", "caption_manifests", "interleaved", "text_only", "grounding"]
 EXTRAS: tuple[Extra, ...] = get_args(Extra)
 
@@ -159,6 +165,19 @@ class ShapesWorld:
     images_per_question: tuple[int, int] = (2, 4)
     """Fewest and most images a multi-image question shows (both ends included; "Do both images ..." always
     shows two)."""
+    noisy_captions: float = 0.0
+    """Fraction (rounded down) of the training caption pairs whose caption describes another training image
+    instead of its own, in every caption format (``captions_train.json``, shards, manifests; the caption turn of
+    ``train.json`` stays true); which ones is recorded in ``noise_train.json``. For data filters. 0: none."""
+    rare_token_captions: float = 0.0
+    """Fraction (rounded down) of the training caption pairs whose true caption carries two to four junk tokens,
+    as web alt-text does (camera file names, random letter strings, URL pieces), recorded in
+    ``noise_train.json``; never the same pairs as ``noisy_captions``. 0: none."""
+    skill_sets: tuple[QuestionKind, ...] = ()
+    """Question kinds each also written as an instruction set teaching that one skill: ``skill_{kind}_train.json``
+    (up to ``questions_per_image`` distinct questions of the kind per training image, no caption turn) and
+    ``skill_{kind}_val.json`` / ``skill_{kind}_test.json`` (one per image, ``meta.kind``); an image where the kind
+    cannot be asked is left out. For model soups and data selection. Empty: none."""
 
     def __post_init__(self) -> None:
         if self.grid not in (2, 3):
@@ -198,6 +217,18 @@ class ShapesWorld:
             raise ValueError("documents_per_image and texts_per_image must be >= 0")
         if min(self.num_multi_train, self.num_multi_val, self.num_multi_test) < 0:
             raise ValueError("num_multi_train, num_multi_val and num_multi_test must be >= 0")
+        noise = (self.noisy_captions, self.rare_token_captions)
+        if min(noise) < 0 or sum(noise) > 1:
+            raise ValueError(
+                f"noisy_captions={self.noisy_captions} and rare_token_captions={self.rare_token_captions} are "
+                "fractions of the training captions: each >= 0 and together at most 1"
+            )
+        kinds = QUESTION_KINDS + (("text",) if self.text_px else ())
+        bad = [k for k in self.skill_sets if k not in kinds]
+        if bad or len(set(self.skill_sets)) != len(self.skill_sets):
+            raise ValueError(
+                f"skill_sets must be distinct question kinds of {kinds} ('text' needs text_px), got {self.skill_sets}"
+            )
         lo, hi = self.images_per_question
         if not 2 <= lo <= hi <= 9:
             raise ValueError(
@@ -346,7 +377,13 @@ class ShapesWorld:
     def write(self, root: Path) -> None:
         from tqdm.auto import tqdm
 
-        from lit_mllm.data.shapesworld_formats import write_extras, write_multi_image
+        from lit_mllm.data.shapesworld_formats import (
+            caption_pairs,
+            write_extras,
+            write_multi_image,
+            write_noise_record,
+            write_skill_set,
+        )
 
         root = Path(root)
         if root.exists():
@@ -369,16 +406,6 @@ class ShapesWorld:
                     self.render(things, label).save(tmp / name)
                     scenes[split].append((name, scene))
                     sid = f"{split}_{i:06d}"
-                    captions.append(
-                        {
-                            "id": f"{sid}_caption",
-                            "image": name,
-                            "conversations": [
-                                {"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                {"from": "gpt", "value": self.caption(things, label)},
-                            ],
-                        }
-                    )
                     qa = [
                         self.ask(things, rng, rng.choice(kinds), label)
                         for _ in range(self.questions_per_image if split == "train" else 1)
@@ -399,9 +426,26 @@ class ShapesWorld:
                 (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
                 files.append(f"{split}.json")
                 if split != "test":
+                    for k, ((name, _), caption) in enumerate(
+                        zip(scenes[split], caption_pairs(self, split, scenes[split])[0])
+                    ):
+                        captions.append(
+                            {
+                                "id": f"{split}_{k:06d}_caption",
+                                "image": name,
+                                "conversations": [
+                                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                                    {"from": "gpt", "value": caption},
+                                ],
+                            }
+                        )
                     (tmp / f"captions_{split}.json").write_text(json.dumps(captions, indent=1))
                     files.append(f"captions_{split}.json")
         files += write_extras(self, tmp, scenes)
+        files += write_noise_record(self, tmp, scenes["train"])
+        for kind in self.skill_sets:
+            for split in splits:
+                files += write_skill_set(self, tmp, split, scenes[split], kind)
         multi = {"train": self.num_multi_train, "val": self.num_multi_val, "test": self.num_multi_test}
         for split, count in multi.items():
             if count:

@@ -18,6 +18,10 @@ and, when :attr:`ShapesWorld.num_multi_train` (``_val``, ``_test``) is set, ques
 images (:func:`multi_question`) as ``multi_{split}.json`` (LLaVA multi-image conversations) and
 ``multi_interleaved_{split}.jsonl`` (the same as OBELICS-style documents).
 
+With :attr:`ShapesWorld.noisy_captions` / :attr:`ShapesWorld.rare_token_captions` set, the training caption pairs
+of every caption format carry the same noise (:func:`caption_pairs`), recorded in ``noise_train.json``; with
+:attr:`ShapesWorld.skill_sets`, ``skill_{kind}_{split}.json`` asks one question kind only (:func:`write_skill_set`).
+
 Each writer draws from its own random stream (``{seed}/{split}/{kind}``), so choosing or dropping one never
 changes another, and tar members carry fixed metadata (mtime 0, uid/gid 0), so the same settings give the
 same bytes.
@@ -88,13 +92,13 @@ def write_caption_shards(
     world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
 ) -> list[str]:
     """``captions_{split}/{shard:05d}.tar``, ``world.shard_size`` samples each, in image order."""
-    written = []
+    written, texts = [], caption_pairs(world, split, images)[0]
     for shard, start in enumerate(range(0, len(images), world.shard_size)):
         path = root / f"captions_{split}" / f"{shard:05d}.tar"
         path.parent.mkdir(exist_ok=True)
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
             for index, (_, scene) in enumerate(images[start : start + world.shard_size]):
-                key, caption = f"{shard:05d}{index:04d}", world.caption(scene.things, scene.label)
+                key, caption = shard_key(world, start + index), texts[start + index]
                 jpeg = io.BytesIO()
                 world.render(scene.things, scene.label).save(jpeg, "JPEG", quality=world.jpeg_quality)
                 size = world.image_size
@@ -120,13 +124,108 @@ def write_caption_manifests(
     world: ShapesWorld, root: Path, split: str, images: Images, rng: random.Random
 ) -> list[str]:
     """``captions_{split}.jsonl`` (``{"image", "caption"}`` lines) and ``captions_{split}.csv``."""
-    pairs = [(name, world.caption(scene.things, scene.label)) for name, scene in images]
+    pairs = [(name, caption) for (name, _), caption in zip(images, caption_pairs(world, split, images)[0])]
     _jsonl(root / f"captions_{split}.jsonl", [{"image": name, "caption": caption} for name, caption in pairs])
     with open(root / f"captions_{split}.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption"])
         writer.writerows(pairs)
     return [f"captions_{split}.jsonl", f"captions_{split}.csv"]
+
+
+def shard_key(world: ShapesWorld, i: int) -> str:
+    """The webdataset key of image ``i`` of a split in its caption shards."""
+    return f"{i // world.shard_size:05d}{i % world.shard_size:04d}"
+
+
+# -- noisy captions (for data filters) -------------------------------------------------------------------------
+def junk_token(rng: random.Random) -> str:
+    """A token of web alt-text junk: a camera file name, a random string of rare letters, a URL piece."""
+    letters = "qxzjkvw"
+    word = "".join(rng.choice(letters) for _ in range(rng.randint(4, 7)))
+    return rng.choice(
+        [
+            f"IMG_{rng.randint(1000, 9999)}.JPG",
+            f"DSC{rng.randint(10000, 99999)}",
+            word,
+            f"www.{word}.qz/{rng.randint(0, 99)}",
+        ]
+    )
+
+
+def caption_pairs(world: ShapesWorld, split: str, images: Images) -> tuple[list[str], dict[str, list[int]]]:
+    """The caption of each image of a split's caption data, and which images' captions are noise
+    (``{"unrelated": [...], "rare_tokens": [...]}``, image indices): with ``world.noisy_captions`` /
+    ``rare_token_captions`` set, on the training split only, drawn from the stream ``{seed}/train/caption_noise``;
+    otherwise every caption true."""
+    texts = [world.caption(scene.things, scene.label) for _, scene in images]
+    noise: dict[str, list[int]] = {"unrelated": [], "rare_tokens": []}
+    if split != "train" or not (world.noisy_captions or world.rare_token_captions):
+        return texts, noise
+    rng = random.Random(f"{world.seed}/train/caption_noise")
+    order = rng.sample(range(len(images)), len(images))
+    unrelated = math.floor(world.noisy_captions * len(images))
+    rare = math.floor(world.rare_token_captions * len(images))
+    true = list(texts)
+    for i in sorted(order[:unrelated]):
+        others = [j for j in range(len(images)) if true[j] != true[i]]
+        if others:  # a split whose captions are all alike has no unrelated caption to give
+            texts[i] = true[rng.choice(others)]
+            noise["unrelated"].append(i)
+    for i in sorted(order[unrelated : unrelated + rare]):
+        words = true[i].split(" ")
+        for _ in range(rng.randint(2, 4)):
+            words.insert(rng.randint(0, len(words)), junk_token(rng))
+        texts[i] = " ".join(words)
+        noise["rare_tokens"].append(i)
+    return texts, noise
+
+
+def write_noise_record(world: ShapesWorld, root: Path, images: Images) -> list[str]:
+    """``noise_train.json``: the noisy caption pairs of the training split, by kind, each named as every caption
+    format names it (``id`` in ``captions_train.json``, ``image`` in the manifests, ``key`` in the shards); not
+    written without noise."""
+    if not (world.noisy_captions or world.rare_token_captions):
+        return []
+    noise = caption_pairs(world, "train", images)[1]
+    record = {
+        kind: [
+            {"index": i, "id": f"train_{i:06d}_caption", "image": images[i][0], "key": shard_key(world, i)}
+            for i in indices
+        ]
+        for kind, indices in noise.items()
+    }
+    (root / "noise_train.json").write_text(json.dumps(record, indent=1))
+    return ["noise_train.json"]
+
+
+# -- skill-specific instruction sets (for soups and data selection) --------------------------------------------
+def write_skill_set(world: ShapesWorld, root: Path, split: str, images: Images, kind: str) -> list[str]:
+    """``skill_{kind}_{split}.json``: LLaVA conversations asking only ``kind`` questions (training: up to
+    ``questions_per_image`` distinct ones per image; val/test: one), ``meta.kind`` on each; an image where the kind
+    cannot be asked (no object of a unique shape for ``colour``, ...) is left out. Stream
+    ``{seed}/{split}/skill_{kind}``."""
+    rng = random.Random(f"{world.seed}/{split}/skill_{kind}")
+    records = []
+    for i, (name, scene) in enumerate(images):
+        asked: dict[str, str] = {}
+        for _ in range(world.questions_per_image if split == "train" else 1):
+            got, question, answer = world.ask(scene.things, rng, kind, scene.label)
+            if got == kind:  # ask falls back to a count question when the scene cannot ask the kind
+                asked.setdefault(question, answer)
+        if not asked:
+            continue
+        convs = []
+        for q, (question, answer) in enumerate(asked.items()):
+            convs += [
+                {"from": "human", "value": ("<image>\n" if q == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
+        records.append(
+            {"id": f"{split}_{i:06d}_{kind}", "image": name, "conversations": convs, "meta": {"kind": kind}}
+        )
+    (root / f"skill_{kind}_{split}.json").write_text(json.dumps(records, indent=1))
+    return [f"skill_{kind}_{split}.json"]
 
 
 # -- interleaved documents -------------------------------------------------------------------------------------
