@@ -74,6 +74,16 @@ COMMANDS: dict[str, Command] = {
     "data": Command(
         "lit_mllm.commands.data", "shapesworld --out DIR", "write the generated ShapesWorld dataset"
     ),
+    "sweep": Command(
+        "lit_mllm.commands.sweep",
+        "FILE [--dry-run] [--status] [--parallel N] [--executor local|slurm]",
+        "run an ablation grid's arms (ablations/*.yaml), resuming; locally or as a SLURM job array",
+    ),
+    "report": Command(
+        "lit_mllm.commands.report",
+        "STUDY_DIR",
+        "a study's tables (mean, 95% interval over seeds), plots and TensorBoard HParams",
+    ),
 }
 
 
