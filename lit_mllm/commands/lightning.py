@@ -124,9 +124,9 @@ def model_only_args(args: list[str]) -> list[str]:
             i += 1
             continue
         path = Path(value)
-        node = (
-            yaml.safe_load(path.read_text()) if path.is_file() and path.suffix in (".yaml", ".yml") else None
-        )
+        # a YAML string longer than a file name can be is no file (is_file raises on it)
+        is_yaml = path.suffix in (".yaml", ".yml") and len(value) < 4096 and path.is_file()
+        node = yaml.safe_load(path.read_text()) if is_yaml else None
         if isinstance(node, dict) and any(k in node for k in SUBCOMMAND_KEYS):
             dropped = {k: node.pop(k) for k in SUBCOMMAND_KEYS if k in node}
             if dropped.get("ckpt_path"):
