@@ -403,6 +403,8 @@ def _label(value: Any) -> str:
         text = _label(value.get("class_path", "").rsplit(".", 1)[-1] or "-".join(map(str, value)))
     else:
         text = str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return text  # digits, ".", "e", "+" and "-" only: -1 stays apart from 1
     text = _LABEL_CHARS.sub("-", text).strip("-")
     return text or "x"
 

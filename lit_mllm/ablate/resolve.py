@@ -72,12 +72,15 @@ class ArmParser:
         return self._model_parser.instantiate_classes(self._model_parser.parse_object({"model": model})).model
 
 
-def resolve_arms(grid: Grid, overrides: Mapping[str, Any] | None = None) -> list[Plan]:
+def resolve_arms(
+    grid: Grid, overrides: Mapping[str, Any] | None = None, names: Sequence[str] | None = None
+) -> list[Plan]:
     """Every arm of ``grid`` parsed and given its budget (in run order).
 
     Args:
         grid: The grid.
         overrides: Dotted keys set in every arm, last (``lit-mllm sweep --set``).
+        names: Only these arms (default all).
 
     Raises:
         GridError: An arm whose config does not parse (naming the arm, its levels and the option), or two arms
@@ -85,6 +88,11 @@ def resolve_arms(grid: Grid, overrides: Mapping[str, Any] | None = None) -> list
     """
     overrides = dict(overrides or {})
     arms = expand(grid, overrides)
+    if names is not None:
+        unknown = sorted(set(names) - {a.name for a in arms})
+        if unknown:
+            raise GridError(f"{grid.source or 'grid'} has no arm(s) {unknown}")
+        arms = [a for a in arms if a.name in set(names)]
     if not arms:
         return []
     try:

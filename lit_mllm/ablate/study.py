@@ -148,14 +148,25 @@ def completed(folder: Path) -> bool:
     )
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine."""
+def alive(pid: int, command_has: str | None = None) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie does not: a killed arm whose runner died too is
+    never reaped where no init reaps orphans); with ``command_has``, only if its command line holds that text (a
+    reused pid is another process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    proc = Path("/proc") / str(pid)
+    try:
+        stat = (proc / "stat").read_text()
+        if stat[stat.rindex(")") + 2 :].startswith("Z"):
+            return False
+        if command_has is not None:
+            return command_has in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        pass  # no /proc (not Linux): trust kill(pid, 0)
     return True
 
 
@@ -176,7 +187,8 @@ def arm_state(folder: Path) -> ArmState:
     if kind == "running":
         if state.get("job"):
             return ArmState(name, "running", f"job {state['job']}", log)
-        if state.get("host") == socket.gethostname() and not alive(int(state.get("pid", 0)) or 0):
+        pid = int(state.get("pid") or 0)
+        if state.get("host") == socket.gethostname() and not alive(pid, str(folder.resolve() / ARM_CONFIG)):
             return ArmState(name, "interrupted", "its process is gone", log)
         return ArmState(name, "running", f"pid {state.get('pid')} on {state.get('host')}", log)
     if kind == "failed":
