@@ -24,7 +24,12 @@ TINY_SET = {
         "num_heads": 2,
         "feature_layer": -1,
     },
-    "model.init_args.language_model.init_args": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
+    "model.init_args.language_model.init_args": {
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+    },
     "model.init_args.scheduler.init_args.warmup_steps": 1,
 }
 

@@ -103,9 +103,7 @@ def test_order_seeds_outermost_last_axis_fastest_and_zip():
         "seeds": [0, 1],
     }
     names = [a.name for a in expand(grid_from_dict(node))]
-    expected = [
-        f"a={a}_b={b}_c={c}_seed={s}" for s in (0, 1) for a in (1, 2) for b, c in ((3, 5), (4, 6))
-    ]
+    expected = [f"a={a}_b={b}_c={c}_seed={s}" for s in (0, 1) for a in (1, 2) for b, c in ((3, 5), (4, 6))]
     assert names == expected
 
 
@@ -116,10 +114,17 @@ def test_variables_patches_and_configs_become_one_config_stack():
         "axes": {
             "tokens": [16, 36],
             "connector": {
-                "avgpool": {"config": "configs/model/mm1_avgpool.yaml", "model.init_args.connector.init_args.out_tokens": "${tokens}"},
+                "avgpool": {
+                    "config": "configs/model/mm1_avgpool.yaml",
+                    "model.init_args.connector.init_args.out_tokens": "${tokens}",
+                },
                 "plain": {},
             },
-            "res": {"key": "model.init_args.vision_tower.init_args.image_size", "values": [32], "labels": ["32px"]},
+            "res": {
+                "key": "model.init_args.vision_tower.init_args.image_size",
+                "values": [32],
+                "labels": ["32px"],
+            },
         },
     }
     arms = expand(grid_from_dict(node))
@@ -140,7 +145,10 @@ def test_variables_patches_and_configs_become_one_config_stack():
 
 def test_merge_replaces_a_part_whose_class_changes_and_nest_refuses_overlaps():
     a = {"m": {"class_path": "A", "init_args": {"x": 1}}, "k": 1}
-    assert merge([a, {"m": {"init_args": {"y": 2}}}]) == {"m": {"class_path": "A", "init_args": {"x": 1, "y": 2}}, "k": 1}
+    assert merge([a, {"m": {"init_args": {"y": 2}}}]) == {
+        "m": {"class_path": "A", "init_args": {"x": 1, "y": 2}},
+        "k": 1,
+    }
     assert merge([a, {"m": {"class_path": "B"}}]) == {"m": {"class_path": "B"}, "k": 1}
     with pytest.raises(GridError, match="same patch"):
         nest({"a.b": 1, "a.b.c": 2})
@@ -184,7 +192,10 @@ def test_labels_of_values_are_short():
         }
     }
     arms = expand(grid_from_dict(node))
-    assert sorted({a.labels["f"] for a in arms}) == ["a+b", "mm1-avgpool"]  # "_" separates the parts of a name
+    assert sorted({a.labels["f"] for a in arms}) == [
+        "a+b",
+        "mm1-avgpool",
+    ]  # "_" separates the parts of a name
     assert [a.labels["lr"] for a in arms[:4]] == ["0.001", "0.0001", "true", "none"]
     assert all(c in "abcdefghijklmnopqrstuvwxyz0123456789.+-_=" for a in arms for c in a.name.lower())
 

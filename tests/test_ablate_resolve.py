@@ -60,8 +60,14 @@ def test_a_bad_axis_fails_at_expansion_naming_the_arm(shapes_root, tmp_path, axi
 
 
 def test_check_build_builds_each_condition_and_names_the_arm_a_class_refuses(shapes_root, tmp_path):
-    node = tiny_grid(shapes_root, tmp_path, axes={"fl": {"key": "model.init_args.vision_tower.init_args.feature_layer", "values": [-1, -5]}})
-    resolve_arms(grid_from_dict({**node, "axes": {"fl": {**node["axes"]["fl"], "values": [-1, -2]}}, "check": "build"}))
+    node = tiny_grid(
+        shapes_root,
+        tmp_path,
+        axes={"fl": {"key": "model.init_args.vision_tower.init_args.feature_layer", "values": [-1, -5]}},
+    )
+    resolve_arms(
+        grid_from_dict({**node, "axes": {"fl": {**node["axes"]["fl"], "values": [-1, -2]}}, "check": "build"})
+    )
     with pytest.raises(GridError, match=r"arm fl=-5 .*building the model.*feature_layer=-5"):
         resolve_arms(grid_from_dict({**node, "check": "build"}))
     resolve_arms(grid_from_dict(node))  # parsing alone accepts it: -5 is an int
@@ -78,7 +84,11 @@ def test_matching_samples_and_flops(shapes_root, tmp_path):
     plans = resolve_arms(grid_from_dict(tiny_grid(shapes_root, tmp_path, axes=axes, match={"samples": 10})))
     assert [p.steps for p in plans] == [5, 3]  # ceil(10 / 2), ceil(10 / 4)
     axes = {"size": {"key": "model.init_args.vision_tower.init_args.image_size", "values": [32, 64]}}
-    plans = resolve_arms(grid_from_dict(tiny_grid(shapes_root, tmp_path, axes=axes, match={"flops": "1e11", "text_tokens": 64})))
+    plans = resolve_arms(
+        grid_from_dict(
+            tiny_grid(shapes_root, tmp_path, axes=axes, match={"flops": "1e11", "text_tokens": 64})
+        )
+    )
     small, large = plans
     assert large.flops_per_sample > small.flops_per_sample  # 4x the tower features and image tokens
     for plan in plans:
@@ -96,7 +106,9 @@ def test_dry_run_lists_only_what_differs(shapes_root, tmp_path):
     assert "depth=2_seed=1  max_steps=3" in listing and "batch_size" not in listing
 
 
-@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (29, 2.045)])
+@pytest.mark.parametrize(
+    "df, expected", [(1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (9, 2.262), (29, 2.045)]
+)
 def test_t_quantiles_match_the_printed_table(df, expected):
     assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
     assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-3)

@@ -68,7 +68,11 @@ def test_an_arm_s_config_gets_its_folder_logger_and_resume_callbacks(shapes_root
     config = arm_config(plans[0], tmp_path / "study", checkpoint_every=7)
     trainer = config["trainer"]
     assert trainer["default_root_dir"] == str(tmp_path / "study" / "default")
-    assert trainer["logger"]["init_args"] == {"save_dir": str(tmp_path / "study"), "name": "default", "version": ""}
+    assert trainer["logger"]["init_args"] == {
+        "save_dir": str(tmp_path / "study"),
+        "name": "default",
+        "version": "",
+    }
     names = [c["class_path"].rsplit(".", 1)[-1] for c in trainer["callbacks"]]
     assert names == ["ModelCheckpoint", "CheckpointOnSigterm", "FinishArm"]
     assert trainer["callbacks"][0]["init_args"]["every_n_train_steps"] == 7
@@ -122,7 +126,9 @@ def _sweep(grid_file: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_study_killed_mid_arm_resumes_and_completes_without_rerunning_finished_arms(shapes_root, tmp_path):
     flag = tmp_path / "kill-once"
     flag.touch()
-    killer = [{"class_path": "tests.test_ablate_runner.KillStudy", "init_args": {"step": 2, "flag": str(flag)}}]
+    killer = [
+        {"class_path": "tests.test_ablate_runner.KillStudy", "init_args": {"step": 2, "flag": str(flag)}}
+    ]
     axes = {
         "arm": {
             "ok": {"model.init_args.connector.init_args.depth": 1},
@@ -130,7 +136,9 @@ def test_a_study_killed_mid_arm_resumes_and_completes_without_rerunning_finished
             "broken": {"trainer.callbacks": [{"class_path": "tests.test_ablate_runner.Explode"}]},
         }
     }
-    grid_file = write_grid(tmp_path / "grid.yaml", tiny_grid(shapes_root, tmp_path, axes=axes, match={"steps": 4}))
+    grid_file = write_grid(
+        tmp_path / "grid.yaml", tiny_grid(shapes_root, tmp_path, axes=axes, match={"steps": 4})
+    )
     study = tmp_path / "tiny"
 
     first = _sweep(grid_file)
@@ -145,7 +153,7 @@ def test_a_study_killed_mid_arm_resumes_and_completes_without_rerunning_finished
     assert second.returncode == 1, second.stdout + second.stderr  # one arm failed
     out = second.stdout
     assert "1 of 3 arms already done, skipped" in out
-    assert f"arm=broken: FAILED" in out and str(broken / "log.txt") in out
+    assert "arm=broken: FAILED" in out and str(broken / "log.txt") in out
     assert "this arm is broken on purpose" in (broken / "log.txt").read_text()
     assert ((ok / DONE).read_bytes(), (ok / METRICS).read_bytes()) == done_before  # not rerun
     assert (ok / "log.txt").read_text().count("=== attempt") == 1

@@ -164,7 +164,9 @@ def alive(pid: int, command_has: str | None = None) -> bool:
         if stat[stat.rindex(")") + 2 :].startswith("Z"):
             return False
         if command_has is not None:
-            return command_has in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            return command_has in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace"
+            )
     except (OSError, ValueError):
         pass  # no /proc (not Linux): trust kill(pid, 0)
     return True
