@@ -153,7 +153,9 @@ def test_unknown_command_says_so_and_lists_the_commands(name, close, capsys):
     err = capsys.readouterr().err
     assert f"unknown command {name!r}" in err
     assert ("did you mean" not in err) if close is None else (f"did you mean {close!r}" in err)
-    assert "fit, validate, test, predict, describe, validate-data, estimate-memory, export, data, sweep" in err
+    assert (
+        "fit, validate, test, predict, describe, validate-data, estimate-memory, export, data, sweep" in err
+    )
 
 
 def test_every_command_module_has_a_main():
