@@ -91,6 +91,16 @@ COMMANDS: dict[str, Command] = {
         "shapesworld --out DIR | optimize --config FILE --out DIR",
         "write the generated ShapesWorld dataset, or a config's sources as streaming shards",
     ),
+    "sweep": Command(
+        "lit_mllm.commands.sweep",
+        "FILE [--dry-run] [--status] [--parallel N] [--executor local|slurm]",
+        "run an ablation grid's arms (ablations/*.yaml), resuming; locally or as a SLURM job array",
+    ),
+    "report": Command(
+        "lit_mllm.commands.report",
+        "STUDY_DIR",
+        "a study's tables (mean, 95% interval over seeds), plots and TensorBoard HParams",
+    ),
 }
 
 

@@ -136,7 +136,7 @@ def test_help_lists_every_command_with_its_summary(capsys):
         "score-data",
         "soup",
     }
-    assert expected | {"data"} == set(COMMANDS)
+    assert expected | {"data", "sweep", "report"} == set(COMMANDS)
     for name, command in COMMANDS.items():
         assert f"lit-mllm {name} {command.usage}\n      {command.summary}\n" in out
 

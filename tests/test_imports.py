@@ -20,7 +20,9 @@ import lit_mllm
 
 PACKAGE_DIR = Path(lit_mllm.__file__).resolve().parent
 # The only modules allowed to import the command line (lit_mllm.cli / lit_mllm.commands).
-COMMAND_LINE = ("lit_mllm.cli", "lit_mllm.commands", "lit_mllm.__main__")
+COMMAND_LINE = ("lit_mllm.cli", "lit_mllm.commands", "lit_mllm.__main__", "lit_mllm.ablate")
+"""The command line and what sits on it: ``lit_mllm.ablate`` checks a study's arms with ``fit``'s own parser and
+runs them as ``fit`` processes, so it may import the commands; nothing below may import any of these."""
 
 Edge = tuple[str, int]  # (imported module, line of the import)
 

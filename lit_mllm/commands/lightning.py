@@ -123,9 +123,9 @@ def model_only_args(args: list[str]) -> list[str]:
             i += 1
             continue
         path = Path(value)
-        node = (
-            yaml.safe_load(path.read_text()) if path.is_file() and path.suffix in (".yaml", ".yml") else None
-        )
+        # a YAML string longer than a file name can be is no file (is_file raises on it)
+        is_yaml = path.suffix in (".yaml", ".yml") and len(value) < 4096 and path.is_file()
+        node = yaml.safe_load(path.read_text()) if is_yaml else None
         if isinstance(node, dict) and any(k in node for k in SUBCOMMAND_KEYS):
             dropped = {k: node.pop(k) for k in SUBCOMMAND_KEYS if k in node}
             if dropped.get("ckpt_path"):
@@ -138,12 +138,20 @@ def model_only_args(args: list[str]) -> list[str]:
     return out
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
+class ParseOnlyCLI(LitMLLMCLI):
+    """Parses and checks a config and builds nothing (``build_cli(..., parse_only=True)``)."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is built: the config is only parsed (``self.config``)."""
+
+
+def build_cli(args: list[str] | None = None, run: bool = True, parse_only: bool = False) -> LitMLLMCLI:
     """The LightningCLI behind ``lit-mllm``; ``run=False`` parses and instantiates without a subcommand (a run's
-    saved ``config.yaml`` is accepted: its subcommand keys are dropped)."""
+    saved ``config.yaml`` is accepted: its subcommand keys are dropped); ``parse_only`` (with ``run=False``) only
+    parses (:class:`ParseOnlyCLI`: ``lit-mllm sweep`` checks every arm of a grid so, reusing its parser)."""
     if args is None:  # the console script: LightningCLI would read the same list
         args = sys.argv[1:]
-    else:
+    elif not parse_only:  # a parse-only CLI never runs on the command line, so there is nothing to note
         note_arguments(list(args), sys.argv[1:])
     if not run:
         args = model_only_args(list(args))
@@ -151,8 +159,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     # would keep the earlier file's options the new class also accepts); each dropped option is printed.
     args = stack_configs(args, log=rank_zero_info)
     quiet_lightning()
-    return LitMLLMCLI(
-        LightningModule,  # a family module: a VLMModule, or QFormerPretraining (BLIP-2 stage 1, no LLM)
+    return (ParseOnlyCLI if parse_only else LitMLLMCLI)(
+        LightningModule,  # a family module: a VLMModule, or a sibling without an LLM (QFormerPretraining, CLIPPretraining)
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
