@@ -152,7 +152,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitMLLMCLI:
     args = stack_configs(args, log=rank_zero_info)
     quiet_lightning()
     return LitMLLMCLI(
-        LightningModule,  # a family module: a VLMModule, or QFormerPretraining (BLIP-2 stage 1, no LLM)
+        LightningModule,  # a family module (a VLMModule), QFormerPretraining (BLIP-2 stage 1) or CLIPPretraining
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
