@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_mllm.commands.lightning import build_cli
 from lit_mllm.config_stack import stack_configs
-from lit_mllm.lit import PrefixFusionVLM
+from lit_mllm.lit import CLIPPretraining, PrefixFusionVLM
 from lit_mllm.nn.connectors import CAbstractor
 from tests.conftest import cli_args
 from tests.stand_ins import with_stand_ins
@@ -20,6 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOP_LEVEL = sorted(p for p in CONFIGS.glob("*.yaml"))
 OVERLAYS = {"align_shapesworld.yaml": ["quickstart.yaml"]}  # configs meant to be stacked on a base
 STAGES = sorted((CONFIGS / "stage").glob("*.yaml"))
+CLIP = sorted((CONFIGS / "clip").glob("*.yaml"))  # CLIP pretraining of towers: tiny.yaml and diffs over it
 
 
 def overrides(path: Path, data_root: Path, out: Path) -> list[str]:
@@ -48,6 +50,34 @@ def test_config_parses_and_instantiates(path, tiny_hub, shapes_root, tmp_path):
     cli.datamodule.setup("fit")
     batch, _ = next(iter(cli.datamodule.train_dataloader()))
     assert cli.model.training_step(batch, 0).isfinite()
+
+
+@pytest.mark.parametrize("path", CLIP, ids=lambda p: p.name)
+def test_clip_config_fast_dev_runs(path, shapes_root, tmp_path):
+    """configs/clip/tiny.yaml, and each variant stacked on it as its header says, pretrains a tower for a step and
+    validates through ``lit-mllm fit``."""
+    base = CONFIGS / "clip" / "tiny.yaml"
+    stack = [] if path == base else ["--config", str(base)]
+    command = "lit-mllm fit --config configs/clip/tiny.yaml" + (
+        "" if path == base else f" --config {path.relative_to(CONFIGS.parent)}"
+    )
+    assert command in path.read_text(), f"{path.name}'s header gives the command that runs it"
+    args = [*stack, "--config", str(path), *cli_args(shapes_root, tmp_path, cpu=True)]
+    args += [
+        "--trainer.fast_dev_run",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]  # last.ckpt goes there
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared machine: more threads only wait on each other
+    try:
+        cli = build_cli(["fit", *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(cli.model, CLIPPretraining)
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/loss"].isfinite() and 0 <= metrics["val/image_to_text"] <= 1
 
 
 def test_overlay_stacks_on_its_base(shapes_root, tmp_path):

@@ -160,7 +160,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, parse_only: bool 
     args = stack_configs(args, log=rank_zero_info)
     quiet_lightning()
     return (ParseOnlyCLI if parse_only else LitMLLMCLI)(
-        LightningModule,  # a family module: a VLMModule, or a sibling without an LLM (QFormerPretraining, CLIPPretraining)
+        LightningModule,  # a family module (a VLMModule), QFormerPretraining (BLIP-2 stage 1) or CLIPPretraining
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -1,6 +1,8 @@
-"""One LightningModule per architecture family, on a shared base (adding one: docs/families.md)."""
+"""One LightningModule per architecture family, on a shared base (adding one: docs/families.md), and the pretraining
+modules that are not VLMs: BLIP-2 stage 1 (the Q-Former) and CLIP pretraining of the towers a VLM can start from."""
 
 from lit_mllm.lit.base import LanguageInputs, NoSupervisedTokens, VLMModule, lm_loss
+from lit_mllm.lit.clip_pretraining import CLIPPretraining
 from lit_mllm.lit.cogvlm import CogVLM
 from lit_mllm.lit.flamingo import FlamingoVLM
 from lit_mllm.lit.owl3 import MPLUGOwl3VLM
@@ -17,4 +19,5 @@ __all__ = [
     "FlamingoVLM",
     "MPLUGOwl3VLM",
     "QFormerPretraining",
+    "CLIPPretraining",
 ]

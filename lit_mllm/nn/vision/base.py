@@ -10,12 +10,21 @@ can train only the last few (POINTS).
 ``gradient_checkpointing`` (an init argument of every tower) recomputes blocks in the backward pass instead of
 keeping their activations, through the tower library's own switch. It only matters where the tower runs with
 autograd, i.e. when a stage trains it or its last blocks; a frozen tower runs without autograd and keeps nothing.
+
+Pretrained weights of a tower trained in this project (:mod:`lit_mllm.lit.clip_pretraining`) come in through
+:func:`tower_state` (its tensors in a checkpoint, by key prefix) and :meth:`VisionTower.load_pretrained`, which the
+tiny tower's ``weights`` argument calls: a VLM config then reads ``vision_tower: {class_path: TinyCLIPVision,
+init_args: {<the pretraining run's sizes>, weights: runs/clip/tiny/checkpoints/last.ckpt}}``.
 """
 
 from __future__ import annotations
 
+import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,6 +40,42 @@ def layers_to_keep(feature_layer: int, num_layers: int) -> int:
             f"use 1..{num_layers} or -{num_layers}..-1 (-2 is LLaVA's penultimate layer)"
         )
     return index
+
+
+def tower_state(path: str | Path, prefix: str = "vision_tower.") -> dict[str, Tensor]:
+    """The tensors whose names start with ``prefix`` (removed) in a Lightning checkpoint's ``state_dict`` (read with
+    ``weights_only=True``) or a ``.safetensors`` file; ``prefix=""`` takes them all (a file of the tower alone)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tower weights at {path}: give the pretraining run's checkpoint (e.g. runs/clip/tiny/checkpoints/"
+            "last.ckpt) or a .safetensors file"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path} holds objects that weights_only=True loading refuses ({str(e).splitlines()[0]}); save the "
+                "tower's tensors as .safetensors and give that file"
+            ) from e
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt or .safetensors"
+            )
+    found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not found:
+        heads = sorted({k.split(".", 1)[0] + "." for k in state})
+        raise ValueError(
+            f"no tensor of {path} starts with {prefix!r}; its names start with {heads[:8]}: give the prefix of the "
+            "tower's tensors (CLIPPretraining's is 'vision_tower.')"
+        )
+    return found
 
 
 class VisionTower(nn.Module, ABC):
@@ -81,6 +126,50 @@ class VisionTower(nn.Module, ABC):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the tower's blocks in the backward pass instead of keeping their activations."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def load_pretrained(self, state: Mapping[str, Tensor], source: str = "the weights") -> None:
+        """Set every weight of this tower from ``state``, a state dict of a tower of the same class and sizes
+        (:func:`tower_state`). All of the tower's tensors must be there with their shapes; the blocks this tower
+        dropped at its ``feature_layer`` may be there too and are skipped (a tower pretrained at ``-1`` read at
+        ``-2``); any other tensor is refused, naming it. ``source`` names the file in messages."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ValueError(
+                f"{source} lack {len(missing)} of {type(self).__name__}'s {len(own)} tensors (e.g. {missing[:3]}): "
+                "was the tower pretrained with fewer blocks or at an earlier feature_layer? build it with the "
+                "pretraining run's sizes and a feature_layer at or before the one it was pretrained at"
+            )
+        shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own]
+        shapes = [(k, a, b) for k, a, b in shapes if a != b]
+        if shapes:
+            listed = ", ".join(f"{k}: pretrained {a} vs tower {b}" for k, a, b in shapes[:3])
+            raise ValueError(
+                f"{len(shapes)} tensors of {source} have another shape than in {type(self).__name__} ({listed}); "
+                "build the tower with the pretraining run's image_size, patch_size and widths"
+            )
+        extra = [k for k in state if k not in own and not self._dropped_block(k)]
+        if extra:
+            raise ValueError(
+                f"{len(extra)} tensors of {source} match nothing in {type(self).__name__} (e.g. {extra[:3]}); the "
+                "weights were written for another tower: build it with the pretraining run's class and sizes"
+            )
+        self.load_state_dict({k: state[k] for k in own})
+
+    def _dropped_block(self, name: str) -> bool:
+        """Whether state-dict name ``name`` lies in a transformer block past the ones this tower keeps."""
+        try:
+            blocks = self.blocks
+        except NotImplementedError:
+            return False
+        if not len(blocks):
+            return False
+        first = next(
+            n for n, m in self.named_modules() if m is blocks[0]
+        )  # e.g. model.vision_model.encoder.layers.0
+        prefix = first.rsplit(".", 1)[0] + "."
+        index = name[len(prefix) :].split(".", 1)[0] if name.startswith(prefix) else ""
+        return index.isdigit() and int(index) >= len(blocks)
 
     def check_input(self, pixel_values: Tensor) -> None:
         """Refuse images that are not ``image_size`` square, naming the fix."""

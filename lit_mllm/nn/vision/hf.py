@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_mllm.nn.vision.base import CLIP_MEAN, CLIP_STD, VisionTower, layers_to_keep
+from lit_mllm.nn.vision.base import CLIP_MEAN, CLIP_STD, VisionTower, layers_to_keep, tower_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,9 +225,11 @@ class HFVisionTower(VisionTower):
 
 
 class TinyCLIPVision(HFVisionTower):
-    """A randomly initialised ``CLIPVisionModel`` small enough for CPU runs and tests.
+    """A ``CLIPVisionModel`` small enough for CPU runs and tests: randomly initialised, or with the weights of a
+    tower pretrained in this project (``weights``: e.g. a :class:`~lit_mllm.lit.clip_pretraining.CLIPPretraining`
+    checkpoint; build it with that run's sizes).
 
-    Its ``image_size`` is the resolution it is built at: with random weights there is nothing to interpolate.
+    Its ``image_size`` is the resolution it is built at: the weights given must have been trained at it.
     """
 
     def __init__(
@@ -240,6 +242,8 @@ class TinyCLIPVision(HFVisionTower):
         feature_layer: int = -2,
         keep_cls: bool = False,
         gradient_checkpointing: bool = False,
+        weights: str | None = None,
+        weights_prefix: str = "vision_tower.",
     ) -> None:
         """
         Args:
@@ -251,6 +255,12 @@ class TinyCLIPVision(HFVisionTower):
             feature_layer: Hidden state to read, as in :class:`HFVisionTower`.
             keep_cls: Keep the CLS token.
             gradient_checkpointing: Recompute the blocks in the backward pass, as in :class:`HFVisionTower`.
+            weights: A Lightning checkpoint (or ``.safetensors`` file) holding this tower's pretrained weights, e.g.
+                a CLIP pretraining run's ``checkpoints/last.ckpt``; None = random initialisation. Every weight of the
+                tower is set from it; blocks past ``feature_layer`` in it are skipped
+                (:meth:`~lit_mllm.nn.vision.base.VisionTower.load_pretrained`).
+            weights_prefix: Name prefix of the tower's tensors in ``weights`` (``vision_tower.`` in the checkpoints
+                of CLIP pretraining and of every VLM; ``""`` for a file of the tower alone).
         """
         nn.Module.__init__(self)
         from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -264,5 +274,9 @@ class TinyCLIPVision(HFVisionTower):
             num_attention_heads=num_heads,
         )
         self._wrap(CLIPVisionModel(config), feature_layer, keep_cls, CLIP_MEAN, CLIP_STD)
+        if weights is not None:
+            self.load_pretrained(
+                tower_state(weights, weights_prefix), source=f"the {weights_prefix!r} tensors of {weights}"
+            )
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
