@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from lit_mllm.data.images import ImageTransform, load_image
+from lit_mllm.data.images import ImageTransform
+from lit_mllm.data.layouts import image_size
 from lit_mllm.data.sample import Sample
 from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation
 
@@ -47,28 +49,23 @@ class Processor:
 
     def encode_text(
         self, sample: Sample, crops: list[int] | None = None, for_generation: bool = False
-    ) -> tuple[list[int], list[int]]:
-        """Token ids and labels with image placeholders expanded (image ``k`` to ``crops[k] * T`` tokens; one
-        crop per image by default); checks placeholders, length and supervision."""
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids and labels, long ``[L]`` each, with image placeholders expanded (image ``k`` to
+        ``crops[k] * T`` tokens; one crop per image by default); checks placeholders, length and supervision."""
         crops = [1] * len(sample.images) if crops is None else crops
-        ids, labels = self._tokens(sample, for_generation)
-        found = ids.count(self.image_token_id)
+        ids, labels = (torch.tensor(x, dtype=torch.long) for x in self._tokens(sample, for_generation))
+        is_image = ids == self.image_token_id
+        found = int(is_image.sum())
         if found != len(sample.images):
             raise sample.fail(
                 f"the tokenized text holds {found} image token(s) for {len(sample.images)} image(s); "
                 f"is {self.image_token!r} split by the tokenizer or used literally in the text?",
                 "image_mismatch",
             )
-        out_ids, out_labels, k = [], [], 0
-        for tok, lab in zip(ids, labels):
-            if tok == self.image_token_id:
-                n = crops[k] * self.tokens_per_image
-                out_ids += [tok] * n
-                out_labels += [IGNORE_INDEX] * n
-                k += 1
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
+        repeats = torch.ones_like(ids)
+        repeats[is_image] = torch.tensor(crops, dtype=torch.long) * self.tokens_per_image
+        out_ids = ids.repeat_interleave(repeats)
+        out_labels = labels.masked_fill(is_image, IGNORE_INDEX).repeat_interleave(repeats)
         if self.max_length is not None and len(out_ids) > self.max_length:
             raise sample.fail(
                 f"{len(out_ids)} tokens after expanding {len(sample.images)} image(s) ({sum(crops)} tower "
@@ -76,7 +73,7 @@ class Processor:
                 "data.max_length (within the LLM's context) or shorten the record",
                 "too_long",
             )
-        if not for_generation and all(lab == IGNORE_INDEX for lab in out_labels):
+        if not for_generation and bool((out_labels == IGNORE_INDEX).all()):
             raise sample.fail("no supervised token: every assistant reply is empty", "no_supervision")
         return out_ids, out_labels
 
@@ -85,8 +82,8 @@ class Processor:
         ``num_images`` (tower inputs). ``for_generation``: the conversation up to its last assistant turn, with
         ``prompt`` (the turn answered) and ``references`` (accepted answers: the sample's ``references``, else its
         last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
-        images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
-        crops = [self.image_transform.num_crops(*im.size) for im in images]
+        images = [self.image_transform.load(ref, sample, k) for k, ref in enumerate(sample.images)]
+        crops = [self.image_transform.num_crops(*image_size(im)) for im in images]
         pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]
         item = self._item(sample, crops, pixels, for_generation)
         if with_prompt and not for_generation:
@@ -99,9 +96,9 @@ class Processor:
             "id": sample.id,
             "source": sample.source,
             "meta": sample.meta,
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": torch.cat(pixels) if pixels else None,  # [sum(crops), 3, S, S]
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": (pixels[0] if len(pixels) == 1 else torch.cat(pixels)) if pixels else None,
             "num_images": sum(crops),
         }
         if for_generation:
