@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lit_mllm.data.images import ImageTransform
 from lit_mllm.data.layouts import image_size
 from lit_mllm.data.sample import Sample
-from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation
+from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation_arrays
 
 
 @dataclass
@@ -34,16 +35,18 @@ class Processor:
     eval_prompts: bool = False
     """Evaluation batches also carry each sample's prompt-only form (the model scores generations there)."""
 
-    def _tokens(self, sample: Sample, for_generation: bool) -> tuple[list[int], list[int]]:
+    def _tokens(self, sample: Sample, for_generation: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels, int64 ``[T]`` each, before image expansion."""
         if sample.text is None:
             turns = sample.turns[:-1] if for_generation else sample.turns
-            return encode_conversation(self.tokenizer, self.chat_format, turns, for_generation)
+            return encode_conversation_arrays(self.tokenizer, self.chat_format, turns, for_generation)
         if for_generation:
             raise sample.fail("a document has no reply to generate; predict on conversations")
         tok = self.tokenizer
         ids = tok((tok.bos_token or "") + sample.text + tok.eos_token, add_special_tokens=False)["input_ids"]
-        labels = [IGNORE_INDEX if t == self.image_token_id else t for t in ids]
-        if tok.bos_token is not None:
+        ids = np.asarray(ids, dtype=np.int64)
+        labels = np.where(ids == self.image_token_id, IGNORE_INDEX, ids)
+        if tok.bos_token is not None and len(labels):
             labels[0] = IGNORE_INDEX
         return ids, labels
 
@@ -53,7 +56,7 @@ class Processor:
         """Token ids and labels, long ``[L]`` each, with image placeholders expanded (image ``k`` to
         ``crops[k] * T`` tokens; one crop per image by default); checks placeholders, length and supervision."""
         crops = [1] * len(sample.images) if crops is None else crops
-        ids, labels = (torch.tensor(x, dtype=torch.long) for x in self._tokens(sample, for_generation))
+        ids, labels = self._tokens(sample, for_generation)  # numpy: cheaper than torch for arrays this small
         is_image = ids == self.image_token_id
         found = int(is_image.sum())
         if found != len(sample.images):
@@ -62,10 +65,10 @@ class Processor:
                 f"is {self.image_token!r} split by the tokenizer or used literally in the text?",
                 "image_mismatch",
             )
-        repeats = torch.ones_like(ids)
-        repeats[is_image] = torch.tensor(crops, dtype=torch.long) * self.tokens_per_image
-        out_ids = ids.repeat_interleave(repeats)
-        out_labels = labels.masked_fill(is_image, IGNORE_INDEX).repeat_interleave(repeats)
+        repeats = np.ones_like(ids)
+        repeats[is_image] = np.asarray(crops, dtype=np.int64) * self.tokens_per_image
+        out_ids = torch.from_numpy(np.repeat(ids, repeats))
+        out_labels = torch.from_numpy(np.repeat(np.where(is_image, IGNORE_INDEX, labels), repeats))
         if self.max_length is not None and len(out_ids) > self.max_length:
             raise sample.fail(
                 f"{len(out_ids)} tokens after expanding {len(sample.images)} image(s) ({sum(crops)} tower "

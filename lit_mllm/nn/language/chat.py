@@ -232,11 +232,20 @@ def learned_tokens(
     return learned
 
 
+def encode_conversation_arrays(
+    tokenizer, chat_format: ChatFormat, turns: Sequence[Turn], add_generation_prompt: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_conversation` as int64 arrays ``[T]`` (what the loader's processor takes)."""
+    rendered = chat_format.render(turns, tokenizer, add_generation_prompt)
+    ids, offsets = tokenize_with_offsets(tokenizer, rendered.text)
+    ids = np.asarray(ids, dtype=np.int64)
+    learned = learned_tokens(offsets, rendered.learn, len(rendered.text))
+    return ids, np.where(learned, ids, IGNORE_INDEX)
+
+
 def encode_conversation(
     tokenizer, chat_format: ChatFormat, turns: Sequence[Turn], add_generation_prompt: bool = False
 ) -> tuple[list[int], list[int]]:
     """Tokenize a conversation once; return ``(input_ids, labels)`` with ``IGNORE_INDEX`` on unlearned tokens."""
-    rendered = chat_format.render(turns, tokenizer, add_generation_prompt)
-    ids, offsets = tokenize_with_offsets(tokenizer, rendered.text)
-    learned = learned_tokens(offsets, rendered.learn, len(rendered.text))
-    return list(ids), np.where(learned, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    ids, labels = encode_conversation_arrays(tokenizer, chat_format, turns, add_generation_prompt)
+    return ids.tolist(), labels.tolist()
