@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -184,3 +185,70 @@ def test_tiny_prefix_vlm_has_the_sizes_asked_and_its_seed_decides_the_weights():
     args.seed = 1
     other = harness.tiny_prefix_vlm(args, Stage("align", ["connector"]), lr=1e-3).state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
+
+
+# -- the GPU step benchmark, scaled down on the CPU ---------------------------------------------------------------
+def test_gpu_step_smoke(capsys, same_threads):
+    bench = load("gpu_step")
+    args = bench.parse(["--smoke", "--device", "cpu", "--peak-tflops", "0.001"] + same_threads)
+    result = bench.run(args)  # refuses to time the two models unless their losses on a batch agree
+    returned = bench.report(result, args)
+    out = capsys.readouterr().out
+    assert headline(out, "gpu_step_mfu") == pytest.approx(returned, abs=5e-4)
+    ours, theirs = result["losses"]
+    assert ours == pytest.approx(theirs, rel=3e-2)
+    assert [r.name for r in result["runs"]] == ["ours", "transformers"]
+    assert all(len(p) == args.repeats for p in result["pass_seconds"])
+    # MFU = model FLOPs / pass time / peak
+    seconds = statistics.median(result["pass_seconds"][0])
+    assert returned == pytest.approx(result["flops"] / seconds / 1e9, rel=1e-6)
+
+
+def test_gpu_step_fsdp_smoke_on_one_cpu_rank(capsys, same_threads, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bench = load("gpu_step")
+    args = bench.parse(["--smoke", "--fsdp", "--device", "cpu", "--peak-tflops", "0.001"] + same_threads)
+    returned = bench.report(bench.run(args), args)
+    assert headline(capsys.readouterr().out, "gpu_step_mfu") == pytest.approx(returned, abs=5e-4)
+    assert not torch.distributed.is_initialized()  # the run ended the process group it started
+
+
+def test_gpu_step_counts_the_products_a_flop_counter_sees(same_threads):
+    """The matrix products (and patch convolution) of FlopModel are exactly what torch's FLOP counter records for
+    our forward + backward (frozen tower under no-grad, supervised logits only); attention it does not record."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench, speed = load("gpu_step"), load("train_speedup_vs_hf")
+    args = bench.parse(["--smoke", "--device", "cpu"] + same_threads)
+    ours, _, meta = bench.build(args)
+    batch = speed.make_batches(args, meta, torch.device("cpu"))[0]
+    with FlopCounterMode(display=False) as counter:
+        speed.ours_loss(ours, batch, args, torch.device("cpu")).backward()
+    lengths = batch.padded.attention_mask.sum(1).tolist()
+    parts = bench.FlopModel.of(ours).parts(lengths, sum(batch.padded.images_per_row), batch.supervised)
+    assert parts["products"] == counter.get_total_flops()
+    assert parts["tower attention"] > 0 and parts["llm attention"] > 0
+
+
+def test_gpu_step_peak_table():
+    bench = load("gpu_step")
+    assert bench.peak_for("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench.peak_for("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_for("NVIDIA H200") == 989.4
+    assert bench.peak_for("NVIDIA L40S") == 362.1
+    assert bench.peak_for("NVIDIA L4") == 121.0
+    assert bench.peak_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_for("NVIDIA GeForce GTX 1080") is None

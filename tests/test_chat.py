@@ -114,3 +114,67 @@ def test_learned_tokens_are_exactly_the_replies(rounds, fmt):
     # prompt tokens are never learned: the unlearned text is everything else
     unlearned = TOK.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
     assert all(q in unlearned for q, _ in rounds)
+
+
+# -- the fast path of tokenizing and labelling (what the loader runs per sample) --------------------------------
+TEXTS = [
+    "",
+    "plain words",
+    SYSTEM + " USER: <image>\nWhat color is the circle? ASSISTANT: red</s>USER: und jetzt? ASSISTANT: 2</s>",
+    "  leading spaces, ünïcödé, emoji \U0001f600 and <image><image> tokens\n\n\ttabs",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenize_with_offsets_equals_the_tokenizer_call(text):
+    from lit_mllm.nn.language.chat import tokenize_with_offsets
+
+    enc = TOK(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = tokenize_with_offsets(TOK, text)
+    assert list(ids) == enc["input_ids"]
+    assert [tuple(o) for o in offsets] == [tuple(o) for o in enc["offset_mapping"]]
+
+
+def test_tokenize_with_offsets_leaves_a_backend_that_truncates_to_the_tokenizer_call():
+    """A tokenizer.json may enable truncation in the Rust backend; the tokenizer's own call switches it off for a
+    call without truncation, so must the fast path (by not taking it)."""
+    import copy
+
+    from lit_mllm.nn.language.chat import tokenize_with_offsets
+
+    tok = copy.deepcopy(TOK)
+    tok.backend_tokenizer.enable_truncation(max_length=3)
+    ids, _ = tokenize_with_offsets(tok, TEXTS[2])
+    assert len(ids) > 3 and list(ids) == TOK(TEXTS[2], add_special_tokens=False)["input_ids"]
+
+
+def per_character_labels(ids, offsets, learn):
+    """The labelling rule spelled out character by character (a token is learned when any character it covers is
+    supervised; a zero-width token when it sits strictly inside a supervised span)."""
+    supervised = {c for start, end in learn for c in range(start, end)}
+    out = []
+    for tok, (a, b) in zip(ids, offsets):
+        hit = (
+            any(start < a < end for start, end in learn)
+            if a == b
+            else any(c in supervised for c in range(a, b))
+        )
+        out.append(tok if hit else IGNORE_INDEX)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), max_size=4),
+    tokens=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6)), max_size=30),
+)
+def test_learned_tokens_follow_the_per_character_rule(spans, tokens):
+    import numpy as np
+
+    from lit_mllm.nn.language.chat import learned_tokens
+
+    learn = [(s, min(s + n, 48)) for s, n in spans]
+    offsets = [(a, min(a + n, 48)) for a, n in tokens]  # zero-width ones included (n = 0)
+    ids = list(range(100, 100 + len(offsets)))
+    labels = np.where(learned_tokens(offsets, learn, 48), ids, IGNORE_INDEX).tolist()
+    assert labels == per_character_labels(ids, offsets, learn)

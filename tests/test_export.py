@@ -131,10 +131,11 @@ def test_llava_folder_other_towers(tmp_path, shapes_root, siglip_dir, which):
     assert int((ids == model.language_model.image_token_id).sum()) == tokens
 
 
-@pytest.mark.parametrize("layout", [Resize(), ResizeCrop(), Letterbox()])
+@pytest.mark.parametrize("layout", [Resize(), ResizeCrop(), Letterbox(), Resize(resampler="pil")], ids=repr)
 def test_processor_folder_prepares_inputs_as_we_do(tmp_path, shapes_root, layout):
     """From a raw non-square image and a question, the exported processor (chat template, tokenizer, image
-    processor) gives our token ids and pixels, and the exported model our logits."""
+    processor) gives our token ids and pixels, and the exported model our logits; the processor is loaded with the
+    backend that resamples as the layout does (torchvision by default, PIL for ``resampler="pil"``)."""
     model = build(image_layout=layout)
     scramble(model)
     out = export_llava(model, tmp_path / "llava")
@@ -150,7 +151,9 @@ def test_processor_folder_prepares_inputs_as_we_do(tmp_path, shapes_root, layout
     )
     ours = collate([model.processor()(sample, for_generation=True)], pad_token_id=tokenizer.pad_token_id)
 
-    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    processor = AutoProcessor.from_pretrained(
+        out, **({"backend": "pil"} if layout.resampler == "pil" else {})
+    )
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     theirs = processor(images=Image.open(tmp_path / "image.png"), text=text, return_tensors="pt")
@@ -174,7 +177,7 @@ def test_two_image_prompt_keeps_each_image_where_it_is_in_the_list(tmp_path, sha
         [Turn("user", f"<image>\n{first}<image>\n{second}"), Turn("assistant", "shapes")],
         paths,
     )
-    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    processor = AutoProcessor.from_pretrained(out)  # the default backend resamples as the default layout
     ours = collate(
         [model.processor()(sample, for_generation=True)], pad_token_id=processor.tokenizer.pad_token_id
     )

@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from lit_mllm.data.feature_cache import image_key
-from lit_mllm.data.images import ImageTransform, load_image
+from lit_mllm.data.images import ImageTransform
+from lit_mllm.data.layouts import image_size
 from lit_mllm.data.sample import Sample
-from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation
+from lit_mllm.nn.language.chat import IGNORE_INDEX, ChatFormat, encode_conversation_arrays
 
 
 @dataclass
@@ -35,43 +38,40 @@ class Processor:
     image_keys: bool = False
     """Name each tower input by its image's content and crop index (``image_keys``), for the feature cache."""
 
-    def _tokens(self, sample: Sample, for_generation: bool) -> tuple[list[int], list[int]]:
+    def _tokens(self, sample: Sample, for_generation: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and labels, int64 ``[T]`` each, before image expansion."""
         if sample.text is None:
             turns = sample.turns[:-1] if for_generation else sample.turns
-            return encode_conversation(self.tokenizer, self.chat_format, turns, for_generation)
+            return encode_conversation_arrays(self.tokenizer, self.chat_format, turns, for_generation)
         if for_generation:
             raise sample.fail("a document has no reply to generate; predict on conversations")
         tok = self.tokenizer
         ids = tok((tok.bos_token or "") + sample.text + tok.eos_token, add_special_tokens=False)["input_ids"]
-        labels = [IGNORE_INDEX if t == self.image_token_id else t for t in ids]
-        if tok.bos_token is not None:
+        ids = np.asarray(ids, dtype=np.int64)
+        labels = np.where(ids == self.image_token_id, IGNORE_INDEX, ids)
+        if tok.bos_token is not None and len(labels):
             labels[0] = IGNORE_INDEX
         return ids, labels
 
     def encode_text(
         self, sample: Sample, crops: list[int] | None = None, for_generation: bool = False
-    ) -> tuple[list[int], list[int]]:
-        """Token ids and labels with image placeholders expanded (image ``k`` to ``crops[k] * T`` tokens; one
-        crop per image by default); checks placeholders, length and supervision."""
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids and labels, long ``[L]`` each, with image placeholders expanded (image ``k`` to
+        ``crops[k] * T`` tokens; one crop per image by default); checks placeholders, length and supervision."""
         crops = [1] * len(sample.images) if crops is None else crops
-        ids, labels = self._tokens(sample, for_generation)
-        found = ids.count(self.image_token_id)
+        ids, labels = self._tokens(sample, for_generation)  # numpy: cheaper than torch for arrays this small
+        is_image = ids == self.image_token_id
+        found = int(is_image.sum())
         if found != len(sample.images):
             raise sample.fail(
                 f"the tokenized text holds {found} image token(s) for {len(sample.images)} image(s); "
                 f"is {self.image_token!r} split by the tokenizer or used literally in the text?",
                 "image_mismatch",
             )
-        out_ids, out_labels, k = [], [], 0
-        for tok, lab in zip(ids, labels):
-            if tok == self.image_token_id:
-                n = crops[k] * self.tokens_per_image
-                out_ids += [tok] * n
-                out_labels += [IGNORE_INDEX] * n
-                k += 1
-            else:
-                out_ids.append(tok)
-                out_labels.append(lab)
+        repeats = np.ones_like(ids)
+        repeats[is_image] = np.asarray(crops, dtype=np.int64) * self.tokens_per_image
+        out_ids = torch.from_numpy(np.repeat(ids, repeats))
+        out_labels = torch.from_numpy(np.repeat(np.where(is_image, IGNORE_INDEX, labels), repeats))
         if self.max_length is not None and len(out_ids) > self.max_length:
             raise sample.fail(
                 f"{len(out_ids)} tokens after expanding {len(sample.images)} image(s) ({sum(crops)} tower "
@@ -79,7 +79,7 @@ class Processor:
                 "data.max_length (within the LLM's context) or shorten the record",
                 "too_long",
             )
-        if not for_generation and all(lab == IGNORE_INDEX for lab in out_labels):
+        if not for_generation and bool((out_labels == IGNORE_INDEX).all()):
             raise sample.fail("no supervised token: every assistant reply is empty", "no_supervision")
         return out_ids, out_labels
 
@@ -88,9 +88,10 @@ class Processor:
         ``num_images`` (tower inputs), and with :attr:`image_keys` ``image_keys`` (``<content hash>/<crop>`` per
         tower input, see :func:`~lit_mllm.data.feature_cache.image_key`). ``for_generation``: the conversation up to
         its last assistant turn, with ``prompt`` (the turn answered) and ``references`` (accepted answers: the
-        sample's ``references``, else its last reply). ``with_prompt``: the whole conversation plus that prompt-only form as ``generation``."""
-        images = [load_image(ref, sample, k) for k, ref in enumerate(sample.images)]
-        crops = [self.image_transform.num_crops(*im.size) for im in images]
+        sample's ``references``, else its last reply). ``with_prompt``: the whole conversation plus that prompt-only
+        form as ``generation``."""
+        images = [self.image_transform.load(ref, sample, k) for k, ref in enumerate(sample.images)]
+        crops = [self.image_transform.num_crops(*image_size(im)) for im in images]
         pixels = [self.image_transform(im) for im in images]  # each [k, 3, S, S]
         keys = None
         if self.image_keys:
@@ -108,9 +109,9 @@ class Processor:
             "id": sample.id,
             "source": sample.source,
             "meta": sample.meta,
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": torch.cat(pixels) if pixels else None,  # [sum(crops), 3, S, S]
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": (pixels[0] if len(pixels) == 1 else torch.cat(pixels)) if pixels else None,
             "num_images": sum(crops),
             "image_keys": keys,
         }

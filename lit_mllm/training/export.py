@@ -14,7 +14,8 @@ Two export formats:
   LLM width (LLaVA-1.5), any causal LM ``transformers`` can put in a LLaVA (Llama, Qwen2, ...), and a one-crop
   image layout (``Resize``, ``ResizeCrop``, ``Letterbox`` with the tower's mean as fill). The folder's chat
   template renders :class:`~lit_mllm.nn.language.VicunaV1` (or keeps the tokenizer's own for
-  ``TokenizerTemplate``). With transformers 5, load the processor with ``backend="pil"`` for our exact pixels.
+  ``TokenizerTemplate``). With transformers 5 the processor gives our exact pixels when loaded with the backend
+  of the layout's resampler: the default (torchvision) for ``resampler="torch"``, ``backend="pil"`` for ``"pil"``.
 - ``safetensors``: any family: ``model.safetensors`` (every weight) and the resolved ``config.yaml`` with
   ``model.init_args.init_from`` pointing at it, for ``lit-mllm predict --config DIR/config.yaml``.
 
@@ -271,20 +272,22 @@ def llava_image_processor(model: PrefixFusionVLM):
     as fill (pad to a square, LLaVA-1.5's "pad" mode), then the tower's mean/std. Tiling layouts have no LLaVA
     equivalent and are refused.
 
-    Under transformers 5, ``AutoProcessor.from_pretrained(out, backend="pil")`` gives our pixels exactly; the
-    default torchvision backend resamples resized images slightly differently (images already at the tower's size
-    are unaffected)."""
+    Under transformers 5 the processor is the backend that resamples as the layout's ``resampler`` does, so
+    ``AutoProcessor.from_pretrained(out)`` gives our pixels exactly for ``"torch"`` (the default torchvision
+    backend) and ``AutoProcessor.from_pretrained(out, backend="pil")`` for ``"pil"``; the other backend differs
+    by about a level in a few percent of the pixels of resized images."""
     from PIL import Image
 
     from lit_mllm.data.layouts import Letterbox, Resize, ResizeCrop
 
-    try:  # transformers 5: the PIL backend, which resizes exactly as our layouts do
-        from transformers import LlavaImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers 4: the default processor is the PIL one
-        from transformers import LlavaImageProcessor as ImageProcessor
-
     tower = model.vision_tower
     layout = getattr(model, "image_layout", None) or Resize()
+    try:  # transformers 5: one processor class per backend
+        from transformers import LlavaImageProcessor, LlavaImageProcessorPil
+
+        ImageProcessor = LlavaImageProcessorPil if layout.resampler == "pil" else LlavaImageProcessor
+    except ImportError:  # transformers 4: the default processor is the PIL one
+        from transformers import LlavaImageProcessor as ImageProcessor
     square = {"height": tower.image_size, "width": tower.image_size}
     mean_fill = tuple(int(x * 255) for x in tower.mean)  # what LlavaImageProcessor pads with
     if type(layout) is Resize:
