@@ -6,7 +6,7 @@ A new subcommand is a module in ``lit_mllm/commands/`` with a ``main(args: list[
 else in ``lit_mllm`` imports this module or the commands.
 
 Errors a person can act on (:data:`PROBLEMS`: a config that does not parse or build, bad data, a checkpoint that
-does not fit or is missing) reach the console as one message, without a stack trace, and a non-zero exit status;
+does not fit or is missing, a model a command does not support) reach the console as one message, without a stack trace, and a non-zero exit status;
 an error raised in a DataLoader worker is shown as the worker raised it (torch re-raises it with the worker's
 traceback inside its message). ``lit-mllm --debug COMMAND ...`` or ``LIT_MLLM_DEBUG=1`` shows the stack trace.
 Other exceptions (bugs) keep their stack trace. :func:`run` raises them all, for callers in Python.
@@ -185,6 +185,8 @@ PROBLEMS = (
     Problem("lit_mllm.training.checkpoints", "WeightsMismatch", "checkpoint error"),
     Problem("lit_mllm.training.checkpoints", "UnsafeCheckpoint", "checkpoint error"),
     Problem("builtins", "FileNotFoundError", "missing file"),
+    Problem("lit_mllm.training.memory", "UnsupportedModel", "not supported"),
+    Problem("lit_mllm.training.export", "UnsupportedExport", "not supported"),
 )
 
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.DOTALL)

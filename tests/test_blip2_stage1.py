@@ -262,12 +262,14 @@ def test_processor_gives_cls_caption_sep_and_truncates_keeping_sep():
     model = tiny()
     proc = model.processor()
     tok = model.tokenizer
-    ids, labels = proc.encode_text(caption_sample("A small red circle at the top left."))
+    ids, labels = (
+        t.tolist() for t in proc.encode_text(caption_sample("A small red circle at the top left."))
+    )
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert tok.decode(ids[1:-1]) == "a small red circle at the top left."
     assert labels == [IGNORE_INDEX] + ids[1:]  # everything after [CLS] is predicted, [SEP] included
     proc.max_caption_tokens = 5
-    short, _ = proc.encode_text(caption_sample("A small red circle at the top left."))
+    short = proc.encode_text(caption_sample("A small red circle at the top left."))[0].tolist()
     assert short == ids[:4] + [tok.sep_token_id]
     two = Sample("s1", [Turn("user", "<image><image>"), Turn("assistant", "x")], ["a.png", "b.png"], "test")
     with pytest.raises(DataError, match="one image with one caption"):

@@ -344,3 +344,22 @@ def test_checkpoint_holds_trainable_weights_only(tmp_path, shapes_root):
         KeyError, match="lacks .* weights that stage 'finetune' trains .* saved by stage 'align'"
     ):
         tiny_model().on_load_checkpoint(saved)
+
+
+FLAMINGO = str(Path(__file__).resolve().parents[1] / "configs" / "model" / "flamingo.yaml")
+
+
+@pytest.mark.parametrize(
+    "command,label",
+    [("estimate-memory", "estimate covers the prefix family"), ("export", "is not a PrefixFusionVLM")],
+)
+def test_a_model_a_command_does_not_support_is_one_message(command, label, tmp_path, capsys):
+    """The memory estimate and the LLaVA export of a Flamingo model: what they support, without a stack trace."""
+    args = [command, "--config", QUICKSTART, "--config", FLAMINGO]
+    args += ["--out", str(tmp_path / "out")] if command == "export" else []
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"lit-mllm {command}: not supported: ") and label in err
+    assert "Traceback" not in err

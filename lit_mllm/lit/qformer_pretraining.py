@@ -79,7 +79,8 @@ class CaptionProcessor(Processor):
 
     def encode_text(
         self, sample: Sample, crops: list[int] | None = None, for_generation: bool = False
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[Tensor, Tensor]:
+        """``[CLS] caption [SEP]`` token ids and labels, long ``[L]`` each (the processor's contract)."""
         if for_generation:
             raise sample.fail("Q-Former pretraining generates nothing; it has no predict step")
         if len(sample.images) != 1 or (crops is not None and crops != [1]):
@@ -96,7 +97,8 @@ class CaptionProcessor(Processor):
         keep = min(self.max_caption_tokens, self.max_length or self.max_caption_tokens)
         if len(ids) > keep:
             ids = ids[: keep - 1] + ids[-1:]
-        return ids, [IGNORE_INDEX] + ids[1:]  # [CLS] is replaced by [DEC] and never predicted
+        labels = [IGNORE_INDEX] + ids[1:]  # [CLS] is replaced by [DEC] and never predicted
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 class QFormerPretraining(L.LightningModule):

@@ -90,6 +90,11 @@ PROBE_SHAPE = (256, 256)
 """Shape of the parameter an optimizer's state is measured on (large enough for 8-bit block quantisation)."""
 
 
+class UnsupportedModel(NotImplementedError, TypeError):
+    """The estimate does not model this kind of model (the message says which it does); ``lit-mllm`` prints it
+    without a stack trace."""
+
+
 # -- precision -------------------------------------------------------------------------------------------
 def normalize_precision(precision: str | int) -> str:
     """Lightning's precision names; legacy ``32`` / ``16`` / ``bf16`` are mapped as Lightning maps them."""
@@ -527,7 +532,7 @@ def estimate_memory(
         raise ValueError(f"devices and batch_size must be at least 1, got {devices} and {batch_size}")
     for attr in ("vision_tower", "connector", "language_model", "tokens_per_image"):
         if not hasattr(model, attr):
-            raise TypeError(
+            raise UnsupportedModel(
                 f"{type(model).__name__} has no {attr!r}: the estimate covers prefix-fusion models (a vision "
                 "tower, a connector and a decoder LLM, as lit_mllm.lit.PrefixFusionVLM)"
             )
@@ -538,7 +543,7 @@ def estimate_memory(
         if isinstance(e, DecoderLayerWrapper)
     }
     if wrapped:
-        raise NotImplementedError(
+        raise UnsupportedModel(
             f"{type(model).__name__} wraps the LLM's decoder layers ({', '.join(sorted(wrapped))}: weights and "
             "activations inside the layers that the estimate does not model); the memory estimate covers the prefix "
             "family (lit_mllm.lit.PrefixFusionVLM), whose layers are the LLM's own"
