@@ -375,32 +375,30 @@ def folder_values(folder: Path, seeds: Sequence[int], metric: str) -> Values:
 def round_arms(
     grid: Grid, spec: SelectSpec, rounds: Sequence[Round], overrides: Mapping[str, Any] | None = None
 ) -> list[Arm]:
-    """The arms of ``rounds`` (``r0`` with round 1), in run order, each setting ``spec.key`` to its mixture; built
-    like any grid's arms (base, ``set``, the mixture, seed, ``--set`` overrides), named by :func:`arm_name`."""
-    levels, labels = [], {}
+    """The arms of ``rounds`` (``r0`` with round 1), round by round (within a round seed first, as a grid runs),
+    each setting ``spec.key`` to its mixture; built like any grid's arms (base, ``set``, the mixture, the seed,
+    ``--set`` overrides) and named by :func:`arm_name`."""
+    arms = []
     for r in rounds:
+        levels, labels = [], {}
         for c in ([NO_CANDIDATE] if r.number == 1 else []) + list(r.candidates):
             name = START if c == NO_CANDIDATE else condition(r.number, c)
             sources = r.mixture if c == NO_CANDIDATE else (*r.mixture, c)
-            patch = {spec.key: {s: spec.source(s) for s in sources}}
-            levels.append(Level(name, name, patch=patch))
+            levels.append(Level(name, name, patch={spec.key: {s: spec.source(s) for s in sources}}))
             labels[name] = {"round": "r0" if c == NO_CANDIDATE else f"r{r.number}", "candidate": c}
-    if not levels:
-        return []
-    plain = replace(grid, kind="grid", select={}, axes=(Axis("arm", tuple(levels)),), zip=())
-    arms = []
-    for arm in expand(plain, overrides):
-        cond = arm.labels["arm"]
-        seed = {SEED_AXIS: arm.labels[SEED_AXIS]} if SEED_AXIS in arm.labels else {}
-        arms.append(
-            replace(
-                arm,
-                name=arm_name(cond, arm.seed, grid.seeds),
-                condition=cond,
-                labels={**labels[cond], **seed},
-                values={**labels[cond], **({SEED_AXIS: arm.seed} if seed else {})},
+        plain = replace(grid, kind="grid", select={}, axes=(Axis("arm", tuple(levels)),), zip=())
+        for arm in expand(plain, overrides):
+            cond = arm.labels["arm"]
+            seed = {SEED_AXIS: arm.labels[SEED_AXIS]} if SEED_AXIS in arm.labels else {}
+            arms.append(
+                replace(
+                    arm,
+                    name=arm_name(cond, arm.seed, grid.seeds),
+                    condition=cond,
+                    labels={**labels[cond], **seed},
+                    values={**labels[cond], **({SEED_AXIS: arm.seed} if seed else {})},
+                )
             )
-        )
     return arms
 
 
@@ -447,9 +445,14 @@ def run_select(
     """
     spec = select_spec(grid)
     told: set[int] = set()
+    resolved: dict[str, Plan] = {}  # an arm's config does not change within one run: each is parsed once
     while True:
         selection = select(spec, folder_values(folder, grid.seeds, spec.rule.metric))
-        plans = resolve_arms(grid, overrides, arms=round_arms(grid, spec, selection.rounds, overrides))
+        arms = round_arms(grid, spec, selection.rounds, overrides)
+        new = [a for a in arms if a.name not in resolved]
+        if new:
+            resolved.update((p.name, p) for p in resolve_arms(grid, overrides, arms=new))
+        plans = [resolved[a.name] for a in arms]
         prepare(grid, plans, folder)
         write_manifest(grid, plans, folder, selection)
         for r in selection.rounds:
