@@ -463,7 +463,7 @@ def expand(grid: Grid, overrides: Mapping[str, Any] | None = None) -> list[Arm]:
     if grid.kind != "grid":
         raise GridError(
             f"{grid.source or 'the grid'} is a {grid.kind} study: its arms come round by round "
-            "(lit_mllm.ablate.select.round_plans), not from expand"
+            "(lit_mllm.ablate.select.first_round, round_arms), not from expand"
         )
     axes = grid.all_axes
     by_name = {a.name: a for a in axes}

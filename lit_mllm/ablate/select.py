@@ -402,6 +402,12 @@ def round_arms(
     return arms
 
 
+def first_round(grid: Grid, overrides: Mapping[str, Any] | None = None) -> list[Arm]:
+    """The arms a new select study runs first: ``r0`` and round 1 (every candidate added to the start mixture)."""
+    spec = select_spec(grid)
+    return round_arms(grid, spec, [Round(1, START, tuple(spec.current), tuple(spec.candidates))], overrides)
+
+
 def write_manifest(grid: Grid, plans: Sequence[Plan], folder: Path, selection: Selection) -> None:
     """``study.json`` for a select study: the runner's manifest of the path's arms, ``kind: select``, the select
     block, and the axes ``round`` and ``candidate`` (what ``lit-mllm report`` tabulates)."""
