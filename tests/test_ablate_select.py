@@ -3,12 +3,14 @@ its gain beats the noise, checked against Welch's interval computed here; the se
 a candidate is never tried twice; one seed, lower-is-better, ties, max_rounds), the select block's errors, and
 whole studies in a folder with a stand-in for training that writes each arm's metrics.json from the mixture in
 its arm.yaml: rounds in order, the report's tables, and a study killed mid-round that resumes without training a
-finished arm again and reaches the same decisions as an uninterrupted one."""
+finished arm again and reaches the same decisions as an uninterrupted one; slow: lit-mllm sweep on real arms."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,46 @@ def test_sweep_dry_run_shows_the_rule_and_round_one_and_status_lists_its_arms(tm
     assert "data.init_args.train.a.init_args.path: a.json" in text
     view = sweep_command.main([str(grid_file), "--status"])
     assert "8 pending (of 8)" in view
+
+
+@pytest.mark.slow
+def test_lit_mllm_sweep_runs_a_select_study_of_real_arms_and_a_rerun_trains_nothing(shapes_root, tmp_path):
+    fields = {
+        "current": {"qa": _source("train.json")},
+        "candidates": {"captions": _source("captions_train.json"), "more": _source("val.json")},
+        "metric": "val/loss",
+        "lower_is_better": True,
+        "margin": 0.0,
+    }
+    grid_file = write_grid(
+        tmp_path / "select.yaml", tiny_grid(shapes_root, tmp_path, kind="select", select=fields)
+    )
+    first = _sweep(grid_file)
+    assert first.returncode == 0, first.stdout + first.stderr
+    folder = tmp_path / "tiny"
+    loss = {
+        n: json.loads((folder / n / METRICS).read_text())["metrics"]["val/loss"]
+        for n in ("r0", "r1+captions", "r1+more")
+    }
+    best = min(("captions", "more"), key=lambda c: loss[f"r1+{c}"])  # the rule by hand: one seed, margin 0
+    if loss["r0"] - loss[f"r1+{best}"] > 0:
+        other = ({"captions", "more"} - {best}).pop()
+        assert f"round 1: {best} joins the mixture" in first.stdout
+        assert arm_state(folder / f"r2+{other}").state == "done"
+    else:
+        assert f"round 1: the best candidate, {best}, stays out" in first.stdout
+        assert not (folder / "r2+captions").exists() and not (folder / "r2+more").exists()
+    second = _sweep(grid_file)
+    assert second.returncode == 0 and "started" not in second.stdout, second.stdout
+    report = report_command.main([str(folder)]).read_text()
+    assert "## Round 1: qa plus one of captions, more" in report
+
+
+def _sweep(grid_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_mllm", "sweep", str(grid_file)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
