@@ -31,6 +31,8 @@ A grid file (YAML; paths are relative to the working directory, as on the ``lit-
     check: build                      # also build each condition's model at expansion (default: parse only)
     slurm: {timeout_min: 120, gpus_per_node: 1, slurm_partition: gpu}   # submitit parameters
     report: {metric: val/accuracy, x: tokens, group: connector}           # what `lit-mllm report` plots
+    kind: grid                        # `select`: Individual Select, rounds of arms (then `select:`, no axes;
+                                      #   see lit_mllm/ablate/select.py)
 
 An axis is one of: a list of values (a variable, used only through ``${axis}``); a mapping with ``key`` (or
 ``keys``: one value set at several keys) or ``configs`` plus ``values`` and optional ``labels``; or a mapping
@@ -82,7 +84,12 @@ FIELDS = (
     "check",
     "slurm",
     "report",
+    "kind",
+    "select",
 )
+KINDS = ("grid", "select")
+"""Study kinds: ``grid`` (axes crossed, every arm known up front) or ``select`` (:mod:`lit_mllm.ablate.select`:
+rounds of arms, each round chosen from the last one's results)."""
 AXIS_FIELDS = ("key", "keys", "configs", "values", "labels")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _LABEL_CHARS = re.compile(r"[^A-Za-z0-9.+-]+")
@@ -185,6 +192,10 @@ class Grid:
     report: ReportSpec = field(default_factory=ReportSpec)
     source: str | None = None
     """The file it was read from."""
+    kind: str = "grid"
+    """One of :data:`KINDS`."""
+    select: Mapping[str, Any] = field(default_factory=dict)
+    """``kind: select`` only: the ``select:`` block, read by :func:`lit_mllm.ablate.select.select_spec`."""
 
     @property
     def all_axes(self) -> tuple[Axis, ...]:
@@ -252,6 +263,20 @@ def grid_from_dict(node: Any, source: str | None = None, default_study: str = "s
         ):
             raise GridError(f"{where}: seeds must be distinct integers, got {list(seeds)}")
     zips = tuple(tuple(group) for group in node.get("zip") or ())
+    kind = _choice(node.get("kind") or "grid", KINDS, f"{where}: kind")
+    select = node.get("select")
+    if kind == "select":
+        if not isinstance(select, dict):
+            raise GridError(
+                f"{where}: kind: select needs a `select:` mapping (see lit_mllm/ablate/select.py)"
+            )
+        if axes or zips:
+            raise GridError(
+                f"{where}: a select study takes no axes or zip: its arms are the rounds' candidates "
+                "(seeds still apply)"
+            )
+    elif select is not None:
+        raise GridError(f"{where}: `select:` is for kind: select studies; add `kind: select` or remove it")
     _check_zip(zips, axes, where)
     match = node.get("match")
     if match is not None:
@@ -286,8 +311,11 @@ def grid_from_dict(node: Any, source: str | None = None, default_study: str = "s
         slurm=dict(node.get("slurm") or {}),
         report=report,
         source=source,
+        kind=kind,
+        select=select,
     )
-    expand(grid)  # references, labels and names are checked here, before anything is parsed
+    if kind == "grid":
+        expand(grid)  # references, labels and names are checked here, before anything is parsed
     return grid
 
 
@@ -429,8 +457,14 @@ def expand(grid: Grid, overrides: Mapping[str, Any] | None = None) -> list[Arm]:
     """Every arm of ``grid``, in run order; ``overrides`` (dotted keys) are set in every arm, last.
 
     Raises:
-        GridError: A ``${name}`` that names no axis, or two arms with the same name.
+        GridError: A ``${name}`` that names no axis, two arms with the same name, or a select study (whose arms
+            come round by round: :mod:`lit_mllm.ablate.select`).
     """
+    if grid.kind != "grid":
+        raise GridError(
+            f"{grid.source or 'the grid'} is a {grid.kind} study: its arms come round by round "
+            "(lit_mllm.ablate.select.first_round, round_arms), not from expand"
+        )
     axes = grid.all_axes
     by_name = {a.name: a for a in axes}
     # groups of axes that move together, at the place of their first axis; the seed axis is the outer loop

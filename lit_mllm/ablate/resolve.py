@@ -73,7 +73,10 @@ class ArmParser:
 
 
 def resolve_arms(
-    grid: Grid, overrides: Mapping[str, Any] | None = None, names: Sequence[str] | None = None
+    grid: Grid,
+    overrides: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    arms: Sequence[Arm] | None = None,
 ) -> list[Plan]:
     """Every arm of ``grid`` parsed and given its budget (in run order).
 
@@ -81,13 +84,15 @@ def resolve_arms(
         grid: The grid.
         overrides: Dotted keys set in every arm, last (``lit-mllm sweep --set``).
         names: Only these arms (default all).
+        arms: The arms to resolve (``overrides`` already in their arguments) instead of ``expand(grid,
+            overrides)``: a select study's rounds (:mod:`lit_mllm.ablate.select`).
 
     Raises:
         GridError: An arm whose config does not parse (naming the arm, its levels and the option), or two arms
             with the same resolved config.
     """
     overrides = dict(overrides or {})
-    arms = expand(grid, overrides)
+    arms = expand(grid, overrides) if arms is None else list(arms)
     if names is not None:
         unknown = sorted(set(names) - {a.name for a in arms})
         if unknown:

@@ -4,6 +4,10 @@ which differences exceed their noise) as Markdown and CSV, its plots, and Tensor
 
     lit-mllm report runs/ablations/mm1_connector-toy
     lit-mllm report runs/ablations/mm1_connector-toy --metric val/loss --x resolution --group connector
+
+A select study (``kind: select``) gets a table per round instead (:func:`lit_mllm.ablate.select.write_select_report`:
+each candidate's mean, interval and gain over the current mixture, and which one joined); ``--metric``, ``--x``
+and ``--group`` do not apply to it (its rule names the metric).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from lit_mllm.ablate.report import write_report
+from lit_mllm.ablate.select import is_select_study, write_select_report
 
 
 def main(args: list[str]) -> Path:
@@ -28,6 +33,9 @@ def main(args: list[str]) -> Path:
         "--curves", nargs="*", default=["train/loss"], help="TensorBoard scalars plotted per condition"
     )
     opts = p.parse_args(args)
-    path = write_report(opts.study, opts.out, opts.metric, opts.x, opts.group, opts.curves)
+    if is_select_study(opts.study):
+        path = write_select_report(opts.study, opts.out, opts.curves)
+    else:
+        path = write_report(opts.study, opts.out, opts.metric, opts.x, opts.group, opts.curves)
     print(f"report: {path} (tables, plots, CSV beside it); `tensorboard --logdir {opts.study}` for HParams")
     return path

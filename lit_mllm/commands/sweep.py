@@ -10,6 +10,9 @@
 Every arm is checked (parsed by ``lit-mllm fit``'s parser) before the first one starts. Running the command again
 skips finished arms and resumes interrupted ones from their last checkpoint. The exit status is 0 when every arm
 is done (or queued, on SLURM), 1 when some failed or are left.
+
+A grid file with ``kind: select`` is an Individual Select study (:mod:`lit_mllm.ablate.select`): it runs round
+after round until the selection stops; ``--dry-run`` shows the rule, the decisions so far and the next round.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 from lit_mllm.ablate.grid import Grid, GridError, expand, load_grid
 from lit_mllm.ablate.resolve import describe_plans, resolve_arms
 from lit_mllm.ablate.runner import LocalRunner, prepare, submit_slurm
+from lit_mllm.ablate.select import dry_run, known_arms, run_select
 from lit_mllm.ablate.study import MANIFEST, arm_state, progress, read_json
 
 
@@ -77,12 +81,19 @@ def main(args: list[str]) -> dict[str, str] | str:
     overrides = parse_sets(opts.set)
     if opts.status:
         manifest = read_json(folder / MANIFEST)
-        names = (
-            [a["name"] for a in manifest["arms"]] if manifest else [a.name for a in expand(grid, overrides)]
-        )
+        if manifest:
+            names = [a["name"] for a in manifest["arms"]]
+        else:
+            names = (
+                known_arms(grid, folder)
+                if grid.kind == "select"
+                else [a.name for a in expand(grid, overrides)]
+            )
         view = progress(folder, names)
         print(view)
         return view
+    if grid.kind == "select":
+        return _select(grid, folder, overrides, opts)
     plans = resolve_arms(grid, overrides)
     if opts.dry_run:
         listing = describe_plans(plans)
@@ -109,3 +120,38 @@ def main(args: list[str]) -> dict[str, str] | str:
     if any(state != "done" for state in results.values()):
         raise SystemExit(1)
     return results
+
+
+def _select(
+    grid: Grid, folder: Path, overrides: dict[str, Any], opts: argparse.Namespace
+) -> dict[str, str] | str:
+    """A select study: the dry run's text, or the rounds run (one job array per round on SLURM)."""
+    if opts.dry_run:
+        text = dry_run(grid, folder, overrides)
+        print(text)
+        return text
+    if opts.executor == "slurm":
+
+        def run_round(names: list[str]) -> dict[str, str]:
+            try:
+                jobs = submit_slurm(folder, names, dict(grid.slurm), cluster="slurm", name=grid.study)
+            except RuntimeError as e:  # submitit: no sbatch here
+                raise GridError(f"cannot submit to SLURM from this machine: {e}") from e
+            print(
+                f"sweep: submitted {len(jobs)} arms as a job array" + (f" ({jobs[0].job_id})" if jobs else "")
+            )
+            if opts.wait:
+                for job in jobs:
+                    job.wait()
+            return {n: arm_state(folder / n).state for n in names}
+
+    else:
+        gpus = opts.gpus.split(",") if opts.gpus else None
+        run_round = LocalRunner(folder, opts.parallel, gpus).run
+    selection = run_select(grid, folder, run_round, overrides)
+    names = [a["name"] for a in (read_json(folder / MANIFEST) or {}).get("arms", [])]
+    print(progress(folder, names))
+    states = {n: arm_state(folder / n).state for n in names}
+    if not selection.finished and not (opts.executor == "slurm" and not opts.wait):
+        raise SystemExit(1)
+    return states
