@@ -5,7 +5,9 @@ array through submitit, from the same grid file.
 Resume. The runner adds to every arm's config a ``ModelCheckpoint`` saving ``checkpoints/last.ckpt`` every
 ``checkpoint_every`` steps, :class:`~lit_mllm.training.callbacks.CheckpointOnSigterm` (SIGTERM: save at the
 step, exit), :class:`~lit_mllm.ablate.study.FinishArm` (at the end of training: the final weights and
-``metrics.json``), atomic checkpoint writes, and its TensorBoard logger in the arm's folder. Running a study again
+``metrics.json``, the evaluation report of a validation at the final step), atomic checkpoint writes, and its
+TensorBoard logger in the arm's folder. An arm whose training completed without that validation is evaluated by
+``lit-mllm evaluate`` on its last checkpoint before it counts as done (:func:`evaluate_arm`). Running a study again
 skips arms whose ``done.json`` exists (written last, atomically, by the runner), marks done an arm whose training
 completed but whose runner died before writing the marker, and starts every other arm with ``--ckpt_path`` at its
 newest checkpoint (``sigterm.ckpt`` or ``last.ckpt``) when it has one. A failed arm does not stop the study: it
@@ -40,10 +42,12 @@ from lit_mllm.ablate.study import (
     ARM_CONFIG,
     CHECKPOINTS,
     DONE,
+    LAST,
     LOG,
     MANIFEST,
     METRICS,
     SIGTERM,
+    TO_EVALUATE,
     arm_state,
     checkpoint_to_resume,
     completed,
@@ -181,6 +185,8 @@ def finish_arm(arm: Path, returncode: int) -> str:
     """Record how the arm's process ended; its state: ``done`` (training completed: the done marker is written
     last), ``interrupted`` (stopped by SIGTERM with a checkpoint) or ``failed``."""
     attempt = (read_json(arm / "state.json") or {}).get("attempt")
+    if returncode == 0 and not completed(arm) and (arm / TO_EVALUATE).is_file():
+        evaluate_arm(arm)
     if completed(arm):
         mark_done(arm, returncode=returncode, attempt=attempt)
         return "done"
@@ -195,6 +201,21 @@ def finish_arm(arm: Path, returncode: int) -> str:
     detail = "exited before its training completed" if returncode == 0 else ""
     mark(arm, "failed", returncode=returncode, attempt=attempt, log=str(arm / LOG), detail=detail)
     return "failed"
+
+
+def evaluate_arm(arm: Path) -> int:
+    """``lit-mllm evaluate`` on the arm's final checkpoint, writing its ``metrics.json`` (for an arm whose training
+    completed without a validation at its end: :data:`~lit_mllm.ablate.study.TO_EVALUATE`); its output appended
+    to the arm's log; the exit status."""
+    command = [sys.executable, "-m", "lit_mllm", "evaluate", "--config", str(arm / ARM_CONFIG)]
+    command += ["--ckpt_path", str(arm / CHECKPOINTS / LAST), "--report", str(arm / METRICS)]
+    with open(arm / LOG, "a") as log:
+        log.write(f"\n=== evaluation, {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
+        log.flush()
+        returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    if returncode == 0:
+        (arm / TO_EVALUATE).unlink(missing_ok=True)
+    return returncode
 
 
 def run_arm(

@@ -9,12 +9,15 @@ writes an arm's result when its training completes.
     STUDY/<arm>/log.txt         the arm's console output, every attempt appended
     STUDY/<arm>/state.json      running / failed / interrupted, with the process or job, attempt and exit status
     STUDY/<arm>/metrics.json    the result: {"metrics": {"val/accuracy": 0.5, ...}, ...}
+    STUDY/<arm>/to_evaluate.json     training completed without a validation at its end: the runner evaluates
     STUDY/<arm>/done.json       written last, atomically: the arm is finished and is never run again
 
-``metrics.json`` has the evaluation report's format: a ``metrics`` mapping of metric name to number, plus
-anything else its writer records (read only ``metrics``). When training completes, :class:`FinishArm` writes it
-from the trainer's final ``callback_metrics`` (the last validation's metrics and the last logged training
-figures) unless an evaluation report is already there; a later evaluation may overwrite it.
+``metrics.json`` is an evaluation report (:mod:`lit_mllm.eval.report`: the ``metrics`` mapping of ``val/...`` name
+to number, the checkpoint, generation settings, prompts, data files and versions behind them) plus the step it
+was taken at. When training completes, :class:`FinishArm` writes it from the validation it has run at the final
+step (the numbers ``lit-mllm evaluate`` gives on ``checkpoints/last.ckpt``), unless an evaluation report is
+already there; otherwise the runner runs ``lit-mllm evaluate``, which writes it. A later evaluation may
+overwrite it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ MANIFEST = "study.json"
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 SIGTERM = "sigterm.ckpt"
+TO_EVALUATE = "to_evaluate.json"
+FINISH_SOURCE = "final validation"
+"""``metrics.json``'s ``source`` when :class:`FinishArm` wrote it (an evaluation report has none)."""
 STATES = ("done", "running", "queued", "failed", "interrupted", "pending")
 """What :func:`arm_state` says of an arm."""
 
@@ -82,9 +88,17 @@ def read_json(path: Path) -> dict | None:
 
 
 class FinishArm(L.Callback):
-    """When training completes: saves ``checkpoints/last.ckpt`` (the final weights) and writes ``metrics.json``
-    from the trainer's ``callback_metrics`` (unless an evaluation report is there). A run stopped before its end
-    (SIGTERM, an error) writes neither, so the runner resumes it."""
+    """When training completes: saves ``checkpoints/last.ckpt`` (the final weights) and writes ``metrics.json``, the
+    evaluation report (:func:`lit_mllm.eval.report.build_report`) of the validation run at the final step, unless an
+    evaluation report is there. A run stopped before its end (SIGTERM, an error) writes neither, so the runner
+    resumes it.
+
+    Cheap and exact: at the final training step it sets ``trainer.should_stop``, Lightning's early-stopping path,
+    which runs the validation due at that step whatever ``val_check_interval`` says; that validation scores the
+    final weights with the config's metrics on the config's val split, as ``lit-mllm evaluate --ckpt_path
+    checkpoints/last.ckpt`` does, so its numbers are the evaluation's. Where no validation ran at the final step
+    (validation switched off or skipped that epoch, or a run resumed from a checkpoint saved at its last step),
+    it writes :data:`TO_EVALUATE` instead and the runner runs ``lit-mllm evaluate`` on the arm."""
 
     def __init__(self, folder: str) -> None:
         """
@@ -92,31 +106,68 @@ class FinishArm(L.Callback):
             folder: The arm's folder.
         """
         self.folder = Path(folder)
+        self._validated: tuple[int, dict[str, float]] | None = (
+            None  # (step, val/* metrics) of the last validation
+        )
+        self._written = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # the final step: validate now, then stop (see the class docstring)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = (trainer.global_step, scalars(trainer.callback_metrics, "val/"))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.folder / CHECKPOINTS / LAST)
+        self._finish(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # resumed from a checkpoint of the final step: Lightning trains nothing and skips on_train_end
+        if not self._written and 0 < trainer.max_steps <= trainer.global_step:
+            self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._written = True
+        last = self.folder / CHECKPOINTS / LAST
+        trainer.save_checkpoint(last)
         if not trainer.is_global_zero:
             return
         path = self.folder / METRICS
         existing = read_json(path)
-        if existing is not None and existing.get("source") != "trainer.callback_metrics":
+        if existing is not None and existing.get("source") != FINISH_SOURCE:
             return  # an evaluation report
-        metrics = {}
-        for name, value in trainer.callback_metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                metrics[name] = float(value)
-            elif isinstance(value, (int, float)):
-                metrics[name] = float(value)
-        write_json(
-            path,
-            {
-                "metrics": dict(sorted(metrics.items())),
-                "source": "trainer.callback_metrics",
-                "global_step": trainer.global_step,
-                "epoch": trainer.current_epoch,
-                "completed": True,
-            },
+        fields = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "completed": True}
+        if self._validated is None or self._validated[0] != trainer.global_step:
+            write_json(self.folder / TO_EVALUATE, {**fields, "reason": "no validation ran at the final step"})
+            return
+        from lit_mllm.commands.evaluate import first_prompts
+        from lit_mllm.eval.report import build_report
+
+        report = build_report(
+            metrics=self._validated[1],
+            split="val",
+            data_split="validate",
+            model=pl_module,
+            datamodule=trainer.datamodule,
+            checkpoint=str(last),
+            prompts=first_prompts(pl_module, trainer.datamodule, "validate", 3),
         )
+        write_json(path, {**report, "source": FINISH_SOURCE, **fields})
+        (self.folder / TO_EVALUATE).unlink(missing_ok=True)
+
+
+def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The one-number entries of ``metrics`` whose name starts with ``prefix``, as floats, sorted by name."""
+    out = {}
+    for name, value in metrics.items():
+        if not name.startswith(prefix):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = float(value)
+        elif isinstance(value, (int, float)):
+            out[name] = float(value)
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)

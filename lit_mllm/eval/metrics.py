@@ -56,8 +56,9 @@ class EvalOutputs:
     """The batch (teacher-forced form; ``batch.generation`` holds its prompt-only form when generating)."""
     logits: Tensor
     """``[R, L, V]`` teacher-forced logits of ``batch``."""
-    generations: list[str] | None = None
-    """The decoded reply of each sample (the model's generation settings), when a metric needs them."""
+    generations: list[str | None] | None = None
+    """The decoded reply of each sample (the model's generation settings), when a metric needs them; None for a
+    sample of a source no generation metric scores (see :attr:`EvalMetric.tasks`)."""
 
     def select(self, rows: list[int]) -> EvalOutputs:
         """The outputs of the samples ``rows`` only (padded evaluation batches: a row is a sample)."""
@@ -69,9 +70,41 @@ class EvalOutputs:
 
 
 class EvalMetric(Metric):
-    """A metric updated from :class:`EvalOutputs`; ``needs_generation`` makes the module generate replies."""
+    """A metric updated from :class:`EvalOutputs`; ``needs_generation`` makes the module generate replies.
+
+    ``tasks`` restricts a metric to some sources (tasks) of a split, by name: the module updates it with those
+    sources' samples only, logs its per-task copies for those tasks only, and generates replies only for the
+    samples some generation metric scores. A split that mixes kinds of samples needs it wherever a metric would
+    misread another kind's samples (:class:`ReplyExactMatch` on few-shot samples, whose support answers are
+    supervised replies too, or on text multiple choice, whose wrong options are replies)::
+
+        metrics:
+          accuracy: {class_path: lit_mllm.eval.ReplyExactMatch, init_args: {tasks: [zero_shot]}}
+          few_shot: {class_path: lit_mllm.eval.GeneratedExactMatch, init_args: {tasks: [four_shot]}}
+          text: {class_path: lit_mllm.eval.ChoiceAccuracy, init_args: {tasks: [text_choice]}}
+    """
 
     needs_generation: bool = False
+
+    def __init__(self, tasks: list[str] | None = None, **kwargs) -> None:
+        """
+        Args:
+            tasks: The sources of the split (by their names under ``data.init_args.val`` / ``test``) whose samples
+                this metric scores; None: every sample. A name the split lacks is an error when evaluation starts.
+        """
+        super().__init__(**kwargs)
+        if tasks is not None and (
+            not tasks or not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks)
+        ):
+            raise ValueError(
+                f"{type(self).__name__} tasks={tasks!r}: give distinct source names of the split, or leave it "
+                "unset to score every sample"
+            )
+        self.tasks = None if tasks is None else list(tasks)
+
+    def scores(self, task: str) -> bool:
+        """Whether this metric scores the samples of source ``task``."""
+        return self.tasks is None or task in self.tasks
 
     def update_from(self, outputs: EvalOutputs) -> None:
         """Update from one evaluation step's outputs."""
@@ -99,6 +132,11 @@ def generated(outputs: EvalOutputs, who: str) -> tuple[list[str], list[list[str]
         raise ValueError(
             f"{who} scores generated replies, but the batch carries no prompts; the model's processor must set "
             "eval_prompts (VLMModule does when a metric needs_generation)"
+        )
+    if any(g is None for g in outputs.generations):
+        raise ValueError(
+            f"{who} was handed samples without a generated reply: the module generates only for the sources its "
+            "generation metrics score (their tasks); this metric's tasks must name these samples' source"
         )
     meta = prompts.meta or outputs.batch.meta or [{} for _ in prompts.references]
     return outputs.generations, prompts.references, meta
@@ -238,6 +276,11 @@ class PerGroup(EvalMetric):
         bad = [g for g in groups if not g or "." in g]
         if bad:
             raise ValueError(f"PerGroup group names cannot be empty or contain '.': {bad}")
+        if metric.tasks is not None:
+            raise ValueError(
+                f"PerGroup's metric has tasks={metric.tasks}: restrict the PerGroup itself (its tasks option), "
+                "which hands its members their samples"
+            )
         self.key = key
         self.needs_generation = metric.needs_generation
         self.members = nn.ModuleDict({g: metric.clone() for g in [*groups, OTHER]})

@@ -100,7 +100,9 @@ def build_report(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
-        "generation": dataclasses.asdict(model.generation),
+        "generation": (  # a module that does not generate (CLIP pretraining) has none
+            dataclasses.asdict(model.generation) if getattr(model, "generation", None) is not None else None
+        ),
         "prompting": {
             "chat_format": _plain(processor.chat_format),
             "image_token": processor.image_token,

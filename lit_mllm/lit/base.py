@@ -119,6 +119,18 @@ def default_metrics() -> dict[str, EvalMetric]:
     }
 
 
+def _update(metric: EvalMetric, outputs: EvalOutputs) -> None:
+    """Update ``metric`` with the samples of ``outputs`` from the sources it scores (its ``tasks``)."""
+    if metric.tasks is None:
+        metric.update_from(outputs)
+        return
+    rows = [i for i, source in enumerate(outputs.batch.sources) if metric.scores(source)]
+    if len(rows) == len(outputs.batch):
+        metric.update_from(outputs)
+    elif rows:
+        metric.update_from(outputs.select(rows))
+
+
 class VLMModule(L.LightningModule):
     """Base of the family modules: a vision tower, a connector and a decoder LLM (see the module docstring)."""
 
@@ -542,28 +554,52 @@ class VLMModule(L.LightningModule):
         loss = lm_loss(logits, batch.labels, batch.ids)
         self.split_losses[split].update(loss, weight=supervised(batch.labels).sum())
         self.log(f"{split}/loss", self.split_losses[split], prog_bar=True, batch_size=len(batch))
-        generations = None
-        if batch.generation is not None and self._needs_generation():
-            generations = self.generate(batch.generation)
-        outputs = EvalOutputs(batch, logits, generations)
+        outputs = EvalOutputs(batch, logits, self._generations(batch, split))
         for metric in self.split_metrics[split].values():
-            metric.update_from(outputs)
+            _update(metric, outputs)
         for task, metrics in self.task_metrics[split].items() if split in self.task_metrics else ():
             rows = [i for i, source in enumerate(batch.sources) if source == task]
             if rows:
                 for metric in metrics.values():
                     metric.update_from(outputs.select(rows))
 
+    def _generations(self, batch: Batch, split: str) -> list[str | None] | None:
+        """The generated reply of every sample some generation metric of the split scores (its ``tasks``); None
+        for the other samples, and no list at all when no metric needs replies."""
+        wanted = [m for m in self.split_metrics[split].values() if m.needs_generation]
+        if batch.generation is None or not wanted:
+            return None
+        rows = [i for i, source in enumerate(batch.sources) if any(m.scores(source) for m in wanted)]
+        if len(rows) == len(batch):
+            return self.generate(batch.generation)
+        out: list[str | None] = [None] * len(batch)  # read by no metric: each sees only its tasks' rows
+        if rows:
+            for row, reply in zip(rows, self.generate(batch.select(rows).generation), strict=True):
+                out[row] = reply
+        return out
+
     def setup(self, stage: str) -> None:
-        """Per-task metrics: where a split has several sources, a copy of every metric per source, logged as
-        ``<split>/<task>/<name>`` beside the split's overall ``<split>/<name>``."""
+        """Per-task metrics: where a split has several sources, a copy of every metric that scores the source (its
+        ``tasks``), logged as ``<split>/<task>/<name>`` beside the split's overall ``<split>/<name>``. A metric
+        naming a task the split lacks is an error."""
         splits = getattr(self.trainer.datamodule, "splits", None) or {}
+        evaluated = {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split, key in (("val", "validate"), ("test", "test")):
             tasks = list(splits.get(key) or {})
+            if split in evaluated and tasks:
+                for name, metric in self.split_metrics[split].items():
+                    unknown = [t for t in metric.tasks or () if t not in tasks]
+                    if unknown:
+                        raise ValueError(
+                            f"metric {name!r} scores tasks {unknown} that the {split} split does not have; its "
+                            f"sources are {tasks} (data.init_args.{key.replace('validate', 'val')})"
+                        )
             if len(tasks) > 1 and split not in self.task_metrics:
                 self.task_metrics[split] = nn.ModuleDict(
                     {
-                        task: nn.ModuleDict({n: m.clone() for n, m in self.split_metrics[split].items()})
+                        task: nn.ModuleDict(
+                            {n: m.clone() for n, m in self.split_metrics[split].items() if m.scores(task)}
+                        )
                         for task in tasks
                     }
                 )
