@@ -24,7 +24,9 @@ from lit_mllm.nn.fusion.qformer_pretraining import (
 )
 from lit_mllm.nn.language.chat import IGNORE_INDEX, Turn
 from lit_mllm.nn.vision import TinyCLIPVision
-from tests.conftest import cli_args, tiny_fit
+from lit_mllm.training.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lit_mllm.training.stages import Milestone, Stage, StageSchedule
+from tests.conftest import Record, cli_args, tiny_fit
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VISION, QF, EMBED, POSITIONS = 24, 32, 16, 40
@@ -345,6 +347,36 @@ def test_fit_logs_losses_and_retrieval(shapes_root, tmp_path):
     ):
         assert name in metrics and torch.isfinite(metrics[name]), name
     assert 0 <= metrics["val/itc_r1"] <= 1
+
+
+def test_a_stage_schedule_resumes_with_the_hard_negatives_of_an_uninterrupted_run(shapes_root, tmp_path):
+    """The StagedModule base gives stage 1 stage schedules and per-step seeding: a run resumed from its step-2
+    checkpoint (written by the first stage) enters the second stage at the next batch and draws the hard negatives
+    of the uninterrupted run, so its losses are the same bit for bit (same computation on the same CPU)."""
+
+    def fit(out, ckpt_path=None):
+        schedule = StageSchedule(
+            [Milestone(0, Stage(name="pretrain")), Milestone(2, Stage("heads", ["heads"]))]
+        )
+        model, record = tiny(stage=schedule), Record()
+        data = caption_data(shapes_root, 4, seed=3)
+        data.connect(model.processor())
+        validating = {"limit_val_batches": 1, "val_check_interval": 2, "num_sanity_val_steps": 0}
+        tiny_fit(model, data, 4, out, ckpt_path, 2, [record], plugins=[AtomicCheckpointIO()], **validating)
+        return model, record
+
+    model, full = fit(tmp_path / "full")
+    assert model.stage.name == "heads" and not any(p.requires_grad for p in model.qformer.parameters())
+    ckpt = next((tmp_path / "full").glob("*step=2*.ckpt"))
+    saved = read_checkpoint(ckpt)
+    assert saved["lit_mllm"]["stage"] == "pretrain" and saved["lit_mllm"]["stage_index"] == 0
+    assert isinstance(saved["lit_mllm"]["run_seed"], int)
+    assert any(k.startswith("qformer.") for k in saved["state_dict"])
+    assert not any(k.startswith("vision_tower.") for k in saved["state_dict"])
+    resumed_model, resumed = fit(tmp_path / "resumed", str(ckpt))
+    assert resumed_model.stage.name == "heads"
+    assert resumed.ids == full.ids[2:]
+    assert resumed.losses == full.losses[2:]
 
 
 # -- stage 1 -> stage 2 through the shipped configs ---------------------------------------------------------------

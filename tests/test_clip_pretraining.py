@@ -19,6 +19,7 @@ from lit_mllm.nn.clip import TinyCLIPText
 from lit_mllm.nn.language import TinyLlama
 from lit_mllm.nn.vision import TinyCLIPVision
 from lit_mllm.nn.vision.base import tower_state
+from lit_mllm.training.stages import Stage
 
 TOWER = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2)
 
@@ -111,6 +112,25 @@ def test_a_few_steps_reduce_the_loss(shapes_root):
     with torch.no_grad():
         images, texts, _ = model(batch)
     assert min(retrieval_accuracy(images @ texts.T)) > 0.5  # the pairs are found again, both ways
+
+
+def test_a_locked_tower_stays_in_the_checkpoint():
+    """LiT's stage freezes the tower, yet the checkpoint keeps every weight (a VLM's tower loads from it) and is
+    loaded strictly; the stage machinery is the shared base's (optimizer groups over the trainable parts only)."""
+    torch.manual_seed(0)
+    lit = Stage(name="lit", trainable=["text_tower", "head"])
+    model = CLIPPretraining(
+        TinyCLIPVision(**TOWER), TinyCLIPText(hidden_size=32, num_layers=1, num_heads=2), 16, stage=lit
+    )
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    model.train()
+    assert not model.vision_tower.training and model.text_tower.training
+    assert {g["part"] for g in model.configure_optimizers().param_groups} == {"text_tower", "head"}
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"].keys() == model.state_dict().keys()
+    assert checkpoint["lit_mllm"]["stage"] == "lit" and model.strict_loading
+    model.on_load_checkpoint(checkpoint)
 
 
 def test_retrieval_accuracy_on_a_hand_made_matrix():

@@ -199,7 +199,7 @@ def test_checker_allows_siblings_and_the_package_importing_its_children(tmp_path
 def test_the_graph_is_read():
     graph = import_graph(PACKAGE_DIR, "lit_mllm")
     assert "lit_mllm.nn.connectors" in graph["lit_mllm.lit.prefix"]
-    assert "lit_mllm.training.checkpoints" in graph["lit_mllm.lit.base"]
+    assert "lit_mllm.training.checkpoints" in graph["lit_mllm.lit.staged"]
     assert "lit_mllm.data.layouts" in graph["lit_mllm.training.export"]  # imported inside a function
     assert "lit_mllm.commands.lightning" in graph["lit_mllm.commands.describe"]
 

@@ -7,7 +7,9 @@ The base owns the three parts every family has and the vision path through them:
 (a frozen tower runs without autograd; a text-only batch under DDP runs a blank image so the connector takes part
 in the backward pass on every rank), the processor handed to the DataModule, the stage (what trains: nested parts,
 the innermost named part wins), the language-modelling loss on supervised tokens, the injected evaluation metrics,
-generation, optimizer groups, ``describe`` and trainable-only checkpoints.
+and generation. Stages and stage schedules, optimizer groups, per-step seeding, ``describe``'s parameter counts and
+trainable-only checkpoints come from :class:`~lit_mllm.lit.staged.StagedModule`, which the pretraining modules
+share.
 
 A family implements :meth:`VLMModule.language_inputs`: given the batch and its image features, the LLM's input
 embeddings and any per-layer inputs its decoder-layer wrappers read. It adds its own modules in ``__init__``,
@@ -20,20 +22,15 @@ Metric names are ``split/name``: ``train/loss``, ``train/loss/<source>``, ``val/
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 
-import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from lit_mllm.data.batch import Batch
@@ -46,28 +43,13 @@ from lit_mllm.data.shapesworld import ALL_KINDS
 from lit_mllm.eval.choice import choice_samples, sum_by_sample
 from lit_mllm.eval.generation import GenerationConfig, cut_at_stop
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs, PerGroup, ReplyExactMatch
+from lit_mllm.lit.staged import StagedModule
 from lit_mllm.nn.connectors import ConnectorFactory, MLPConnector, connector_flops
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.layers import LayerInputs
 from lit_mllm.nn.language.model import LanguageModel
 from lit_mllm.nn.vision.base import VisionTower
-from lit_mllm.training.checkpoints import load_weights
-from lit_mllm.training.peft import add_lora
-from lit_mllm.training.stages import (
-    Milestone,
-    Ownership,
-    Stage,
-    StageSchedule,
-    apply_stage,
-    count,
-    param_groups,
-    part_counts,
-    part_trains,
-    resolve,
-    set_modes,
-    trainable_names,
-    trainable_table,
-)
+from lit_mllm.training.stages import Ownership, Parts, Stage, StageSchedule, part_trains
 
 
 class NoSupervisedTokens(ValueError):
@@ -131,7 +113,7 @@ def _update(metric: EvalMetric, outputs: EvalOutputs) -> None:
         metric.update_from(outputs.select(rows))
 
 
-class VLMModule(L.LightningModule):
+class VLMModule(StagedModule):
     """Base of the family modules: a vision tower, a connector and a decoder LLM (see the module docstring)."""
 
     def __init__(
@@ -148,16 +130,12 @@ class VLMModule(L.LightningModule):
         feature_cache: FeatureCache | None = None,
     ) -> None:
         """Families call this first, add their modules, and end with :meth:`freeze_and_load`."""
-        super().__init__()
-        # Checkpoints hold trainable weights only (on_load_checkpoint checks those); set before any strategy loads.
-        self.strict_loading = False
+        super().__init__(stage, optimizer, scheduler)
         self.vision_tower = vision_tower
         self.language_model = language_model
         self.connector = connector(vision_tower.hidden_size, language_model.hidden_size)
         self.tokens_per_image = self.connector.num_tokens(vision_tower.num_features)
         self.image_layout = image_layout or Resize()
-        self.optimizer = optimizer
-        self.scheduler = scheduler
         self.generation = generation or GenerationConfig()
         metrics = default_metrics() if metrics is None else metrics
         for name, metric in metrics.items():
@@ -172,40 +150,13 @@ class VLMModule(L.LightningModule):
         self.split_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         # per task (a split's source) when a split has several: {split: {task: {name: metric}}}, built in setup
         self.task_metrics = nn.ModuleDict()
-        if not isinstance(stage, StageSchedule):
-            stage = StageSchedule([Milestone(0, stage or self.default_stage())])
-        for (
-            milestone
-        ) in stage.stages:  # a stage that names no trainable parts trains the family's default ones
-            if milestone.stage.trainable is None:
-                milestone.stage = dataclasses.replace(
-                    milestone.stage, trainable=self.default_stage().trainable
-                )
-        self.schedule = stage  # the run's stages; a single stage is a schedule of one
-        self.stage_index = 0  # index in schedule.stages of the stage that trains now
-        self.stage = stage.stages[0].stage  # the stage that trains now
-        # seeds every training step's random draws (seed_step); kept in checkpoints
-        self.run_seed: int | None = None
         self.feature_cache = feature_cache
         self._tower_digest: str | None = None  # weights digest of the frozen tower, for the cache key
 
-    def freeze_and_load(self, init_from: str | None = None) -> None:
-        """End of a family's ``__init__``: apply the stage (every stage of the schedule checked against the parts,
-        LoRA adapters of all of them injected), then load ``init_from`` if given."""
-        parts = self.parts()
-        for milestone in self.schedule.stages:
-            milestone.stage.check(parts)
-        for name, spec in self.schedule.adapters().items():
-            for module in resolve(parts, name):
-                add_lora(module, spec, name)
-        apply_stage(parts, self.stage)
-        if self.feature_cache is not None:
-            self._check_feature_cache(parts)
-        if init_from is not None:
-            load_weights(self, init_from)
-
-    def _check_feature_cache(self, parts: dict[str, nn.Module | list[nn.Module]]) -> None:
+    def check_schedule(self, parts: Parts) -> None:
         """Refuse a feature cache when a stage of the run trains the tower (its features change every step)."""
+        if self.feature_cache is None:
+            return
         tower = {id(p) for p in self.vision_tower.parameters()}
         for milestone in self.schedule.stages:
             plan = Ownership(parts, milestone.stage)
@@ -223,7 +174,7 @@ class VLMModule(L.LightningModule):
         connector + language model. Families override it."""
         return Stage(name="finetune", trainable=["connector", "language_model"])
 
-    def parts(self) -> dict[str, nn.Module | list[nn.Module]]:
+    def parts(self) -> Parts:
         """The named parts a stage can train; a family adds its own (which may sit inside these, e.g. one
         cross-attention block per decoder layer)."""
         return {
@@ -388,83 +339,9 @@ class VLMModule(L.LightningModule):
     def _needs_generation(self) -> bool:
         return any(m.needs_generation for m in self.split_metrics["val"].values())
 
-    # -- stage ------------------------------------------------------------------------------------------------
-    def enter_stage(self, index: int) -> None:
-        """Make ``schedule.stages[index]`` the stage that trains: re-freeze, and during a fit build a new optimizer
-        over exactly its trainable parameters (checked), print its table, and under DDP re-wrap the model so
-        gradients of the newly trainable parameters are reduced."""
-        previous = self.stage
-        self.stage_index = index
-        self.stage = self.schedule.stages[index].stage
-        apply_stage(self.parts(), self.stage)
-        for p in self.parameters():
-            if not p.requires_grad:
-                p.grad = None
-        trainer = self._trainer
-        if trainer is None or not trainer.training:
-            return
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-            self._wrap_ddp_again(strategy)
-        elif strategy.model is not self:
-            raise NotImplementedError(
-                f"switching stages within a run supports single-device and DDP training, not "
-                f"{type(strategy).__name__}; run the stages as separate runs (init_from the previous checkpoint)"
-            )
-        strategy.setup_optimizers(trainer)
-        in_optimizer = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
-        trainable = {id(p) for p in self.parameters() if p.requires_grad}
-        if in_optimizer != trainable:
-            raise RuntimeError(
-                f"after entering stage {self.stage.name!r} the optimizer holds {len(in_optimizer)} parameters but "
-                f"{len(trainable)} train; configure_optimizers must cover exactly the trainable parameters"
-            )
-        rank_zero_info(
-            f"step {self.global_step}: stage {previous.name!r} -> {self.stage.name!r}, new optimizer over "
-            f"{len(trainable)} tensors\n" + trainable_table(self.parts(), self.stage)
-        )
-
-    def _wrap_ddp_again(self, strategy: DDPStrategy) -> None:
-        """DDP reduces the gradients of the parameters that trained when it wrapped the model, and silently not the
-        others: unwrap and wrap again for the new stage."""
-        strategy.model = self
-        strategy.configure_ddp()
-
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        index = self.schedule.index_at(self.global_step)
-        if index != self.stage_index:
-            self.enter_stage(index)
-        self.seed_step(batch_idx)
-
-    def seed_step(self, batch_idx: int) -> None:
-        """Seed torch's generators (CPU and CUDA) for this training batch from (run seed, epoch, batch, rank).
-
-        A step's random draws (dropout, LoRA dropout) then depend on the step alone, not on all that drew before it
-        (validations, loader iterators): a run resumed from a checkpoint draws what an uninterrupted run draws at
-        the same step, which a saved generator state would not give (Lightning saves none, and what draws between
-        the checkpoint and the next step differs between the two runs). The run seed is drawn from the (seeded)
-        generator at the first step, the same on every rank, and kept in checkpoints."""
-        if self.run_seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-            self.run_seed = int(self.trainer.strategy.broadcast(seed, src=0))
-        key = [self.run_seed, self.current_epoch, batch_idx, self.global_rank]
-        high, low = np.random.SeedSequence(key).generate_state(2)
-        torch.manual_seed(int(high) << 32 | int(low))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # frozen parts stay in eval mode whatever Lightning asks
-            set_modes(self.parts(), self.stage)
-        return self
-
     def describe(self) -> dict[str, int | str]:
-        """Figures logged as hyperparameters of every run, so runs can be compared on them."""
-        facts: dict[str, int | str] = {"stage": self.stage.name}
-        if len(self.schedule.stages) > 1:
-            facts["stages"] = self.schedule.describe()
-        for name, (total, trainable) in part_counts(self.parts(), self.stage).items():
-            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = total, trainable
-        facts["params/total"], facts["params_trainable/total"] = count(self)
+        """The base's figures (stage, parameters per part) and the image tokens and connector FLOPs per image."""
+        facts = super().describe()
         facts["image_tokens"] = self.tokens_per_image
         facts["connector_flops_per_image"] = connector_flops(self.connector, self.vision_tower.num_features)
         return facts
@@ -508,11 +385,7 @@ class VLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._start_run()
-        if len(self.schedule.stages) > 1:
-            rank_zero_info(f"stages: {self.schedule.describe()}")
-        rank_zero_info(trainable_table(self.parts(), self.stage))
-        if self.logger is not None:
-            self.logger.log_hyperparams(self.describe())
+        super().on_fit_start()
 
     # -- steps ------------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
@@ -647,63 +520,3 @@ class VLMModule(L.LightningModule):
             {"id": i, "prompt": p, "answer": a, "references": r}
             for i, p, a, r in zip(batch.ids, prompts, answers, references)
         ]
-
-    # -- checkpoints: trainable weights (+ optimizer state); frozen weights are rebuilt from their source --------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if (
-            "state_dict" in checkpoint
-        ):  # absent when a strategy saves the weights itself (sharded FSDP / DeepSpeed)
-            frozen = trainable_names(self, trains=False)
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["lit_mllm"] = {
-            "stage": self.stage.name,
-            "stage_index": self.stage_index,
-            "frozen_weights": "rebuilt from the config's sources",
-            "run_seed": self.run_seed,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Of a schedule, the stage that wrote the checkpoint (its optimizer state is in it); a milestone reached at
-        # the checkpoint's step is entered at the next batch, as in an uninterrupted run.
-        self.run_seed = (checkpoint.get("lit_mllm") or {}).get("run_seed", self.run_seed)
-        index = (checkpoint.get("lit_mllm") or {}).get("stage_index")
-        if not isinstance(index, int) or not 0 <= index < len(self.schedule.stages):
-            index = self.schedule.index_at(checkpoint.get("global_step", 0))
-        if index != self.stage_index:
-            self.stage_index = index
-            self.stage = self.schedule.stages[index].stage
-            apply_stage(self.parts(), self.stage)
-        if "state_dict" not in checkpoint:  # FSDP has loaded (and removed) the weights already
-            return
-        trainable = trainable_names(self)
-        missing = sorted(trainable - checkpoint["state_dict"].keys())
-        if missing:
-            raise KeyError(
-                f"the checkpoint lacks {len(missing)} weights that stage {self.stage.name!r} trains (e.g. {missing[:3]}); "
-                f"it was saved by stage {checkpoint.get('lit_mllm', {}).get('stage', '?')!r}. Use the same stage, "
-                "or start from it with the weights as initialisation"
-            )
-
-    # -- optimisation -----------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        """One optimizer over parameter groups per part (stage ``lr_scale``; no weight decay on norms, biases and
-        embeddings); every trainable parameter must be in it."""
-        groups = param_groups(self.parts(), self.stage)
-        if not groups:
-            raise ValueError(f"stage {self.stage.name!r} leaves nothing to train")
-        optimizer = self.optimizer(groups)
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * group["lr_scale"]
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
-        if missing:
-            raise ValueError(
-                f"trainable parameters outside the optimizer: {missing[:5]} ({len(missing)} in all)"
-            )
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # spans the stage (for one stage: the run)
-            run_steps = int(self.trainer.estimated_stepping_batches)
-            scheduler.total_steps = self.schedule.steps_of(self.stage_index, run_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

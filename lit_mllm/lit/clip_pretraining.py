@@ -16,9 +16,10 @@ Logged: ``train/loss``, ``train/logit_scale``, ``{split}/loss`` and the in-batch
 ``{split}/image_to_text`` / ``{split}/text_to_image`` (:func:`retrieval_accuracy`; chance is 1 / batch size, so
 compare runs at the same batch size) for ``train``, ``val`` and ``test``.
 
-What trains is a :class:`~lit_mllm.training.stages.Stage` over the parts ``vision_tower``, ``text_tower`` and
-``head`` (default: all three; LiT's locked image tower is ``trainable: [text_tower, head]``). Checkpoints are
-Lightning's, with every weight: a VLM's tower loads its part of one with
+What trains is a :class:`~lit_mllm.training.stages.Stage` (or a schedule of them) over the parts ``vision_tower``,
+``text_tower`` and ``head`` (default: all three; LiT's locked image tower is ``trainable: [text_tower, head]``); the
+machinery (freezing, optimizer groups, per-step seeding) is :class:`~lit_mllm.lit.staged.StagedModule`'s.
+Checkpoints are Lightning's, with every weight (``full_checkpoints``): a VLM's tower loads its part of one with
 ``TinyCLIPVision(weights=<ckpt>)`` (:meth:`~lit_mllm.nn.vision.base.VisionTower.load_pretrained`).
 
 Under DDP the loss gathers every rank's embeddings (``local_loss``, gradients through the gather), so the negatives
@@ -28,13 +29,11 @@ are the global batch; every rank's batch must then hold the same number of pairs
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import ClassVar
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -42,20 +41,12 @@ from torchmetrics import MeanMetric
 from lit_mllm.data.batch import Batch
 from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.processor import Processor
+from lit_mllm.lit.staged import StagedModule
 from lit_mllm.nn.clip import ContrastiveHead, TextTower, TinyCLIPText
 from lit_mllm.nn.language.chat import IGNORE_INDEX, Plain
 from lit_mllm.nn.language.tokenizer import IMAGE_TOKEN
 from lit_mllm.nn.vision.base import VisionTower
-from lit_mllm.training.stages import (
-    Stage,
-    apply_stage,
-    count,
-    param_groups,
-    part_counts,
-    part_trains,
-    set_modes,
-    trainable_table,
-)
+from lit_mllm.training.stages import Stage, StageSchedule, part_trains
 
 EVAL_METRICS = ("loss", "image_to_text", "text_to_image")
 """What validation and test log per split, each a mean over the split's pairs."""
@@ -91,8 +82,11 @@ def retrieval_accuracy(logits_per_image: Tensor) -> tuple[Tensor, Tensor]:
     return image_to_text, text_to_image
 
 
-class CLIPPretraining(L.LightningModule):
+class CLIPPretraining(StagedModule):
     """A vision tower and a text tower trained together with CLIP's contrastive loss (see the module docstring)."""
+
+    full_checkpoints: ClassVar[bool] = True
+    """Checkpoints keep every weight, frozen ones too: a VLM's tower loads from one whatever the stage trained."""
 
     def __init__(
         self,
@@ -101,7 +95,7 @@ class CLIPPretraining(L.LightningModule):
         embed_dim: int = 64,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
-        stage: Stage | None = None,
+        stage: Stage | StageSchedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -115,12 +109,13 @@ class CLIPPretraining(L.LightningModule):
             init_logit_scale: Initial log of the logit scale (CLIP: log(1 / 0.07)).
             max_logit_scale: Ceiling of the logit scale (CLIP: 100).
             stage: What trains, over the parts ``vision_tower``, ``text_tower`` and ``head``; None (or a stage
-                without ``trainable``) trains all three.
+                without ``trainable``) trains all three. Or a StageSchedule of stages switched at step milestones.
             optimizer: Optimizer over the trainable parameters (no weight decay on norms, biases, embeddings and
                 the logit scale).
-            scheduler: Learning-rate schedule, stepped every optimizer step; a ``total_steps`` of None spans the run.
+            scheduler: Learning-rate schedule, stepped every optimizer step; a ``total_steps`` of None spans the stage
+                (for one stage: the run).
         """
-        super().__init__()
+        super().__init__(stage, optimizer, scheduler)
         self.vision_tower = vision_tower
         self.text_tower = text_tower if text_tower is not None else TinyCLIPText()
         self.head = ContrastiveHead(
@@ -131,15 +126,10 @@ class CLIPPretraining(L.LightningModule):
             max_logit_scale,
         )
         self.loss = ClipLoss()  # one process; setup() gives DDP runs one that gathers across ranks
-        self.optimizer, self.scheduler = optimizer, scheduler
-        stage = stage or self.default_stage()
-        if stage.trainable is None:
-            stage = dataclasses.replace(stage, trainable=self.default_stage().trainable)
-        self.stage = stage
-        apply_stage(self.parts(), stage)
         self.eval_metrics = nn.ModuleDict(
             {split: nn.ModuleDict({m: MeanMetric() for m in EVAL_METRICS}) for split in ("val", "test")}
         )
+        self.freeze_and_load()
 
     @classmethod
     def default_stage(cls) -> Stage:
@@ -199,27 +189,13 @@ class CLIPPretraining(L.LightningModule):
                 local_loss=True, gather_with_grad=True, rank=self.global_rank, world_size=world_size
             )
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # frozen parts stay in eval mode whatever Lightning asks
-            set_modes(self.parts(), self.stage)
-        return self
-
     def describe(self) -> dict[str, int | str]:
-        """Figures logged as hyperparameters of every run, so runs can be compared on them."""
-        facts: dict[str, int | str] = {"stage": self.stage.name}
-        for name, (total, trainable) in part_counts(self.parts(), self.stage).items():
-            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = total, trainable
-        facts["params/total"], facts["params_trainable/total"] = count(self)
+        """The base's figures (stage, parameters per part) and the tower's input and output sizes."""
+        facts = super().describe()
         facts["image_size"] = self.vision_tower.image_size
         facts["image_features"] = self.vision_tower.num_features
         facts["embed_dim"] = self.head.image_projection.out_features
         return facts
-
-    def on_fit_start(self) -> None:
-        rank_zero_info(trainable_table(self.parts(), self.stage))
-        if self.logger is not None:
-            self.logger.log_hyperparams(self.describe())
 
     # -- steps --------------------------------------------------------------------------------------------------
     def _check_equal_batches(self, size: int) -> None:
@@ -269,20 +245,3 @@ class CLIPPretraining(L.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    # -- optimisation -------------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        """One optimizer over parameter groups per part (stage ``lr_scale``; no weight decay on norms, biases,
-        embeddings and the logit scale)."""
-        groups = param_groups(self.parts(), self.stage)
-        if not groups:
-            raise ValueError(f"stage {self.stage.name!r} leaves nothing to train")
-        optimizer = self.optimizer(groups)
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * group["lr_scale"]
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # spans the run
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

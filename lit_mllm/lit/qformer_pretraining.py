@@ -9,10 +9,10 @@ Pre-training with Frozen Image Encoders and Large Language Models"), representat
 
 The mechanism (Q-Former with its text branch, the three masks, the heads) is
 :mod:`lit_mllm.nn.fusion.qformer_pretraining`. There is no decoder LLM, so this is not a
-:class:`~lit_mllm.lit.base.VLMModule`: it is a sibling that shares the stage machinery of
-:mod:`lit_mllm.training.stages` (named parts, the stage's freezing asserted and printed, optimizer groups per part
-with their ``lr_scale``, trainable-only checkpoints). Parts: ``vision_tower``, ``qformer`` and ``heads``; the
-default stage trains the Q-Former and the heads (BLIP-2 freezes the image encoder).
+:class:`~lit_mllm.lit.base.VLMModule`: it is a sibling on the same :class:`~lit_mllm.lit.staged.StagedModule`
+(named parts, the stage's freezing asserted and printed, stage schedules, optimizer groups per part with their
+``lr_scale``, per-step seeding, trainable-only checkpoints). Parts: ``vision_tower``, ``qformer`` and ``heads``;
+the default stage trains the Q-Former and the heads (BLIP-2 freezes the image encoder).
 
 Metrics: ``train/loss`` (the sum of the three), ``train/loss/itc``, ``train/loss/itm``, ``train/loss/itg``, the
 same under ``val/``, and ``val/itc_r1``: image -> text recall@1 within the batch (a caption identical to the
@@ -22,14 +22,11 @@ image's own counts as a hit). Its checkpoint starts BLIP-2's stage 2, the prefix
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -38,6 +35,7 @@ from lit_mllm.data.images import ImageTransform, normalize
 from lit_mllm.data.layouts import ImageLayout, Resize
 from lit_mllm.data.processor import Processor
 from lit_mllm.data.sample import Sample
+from lit_mllm.lit.staged import StagedModule
 from lit_mllm.nn.fusion.qformer_pretraining import (
     PretrainingHeads,
     QFormer,
@@ -49,20 +47,7 @@ from lit_mllm.nn.fusion.qformer_pretraining import (
 from lit_mllm.nn.language.chat import IGNORE_INDEX
 from lit_mllm.nn.language.tokenizer import TINY_BERT_TOKENIZER_DIR
 from lit_mllm.nn.vision.base import VisionTower
-from lit_mllm.training.checkpoints import load_weights
-from lit_mllm.training.peft import add_lora
-from lit_mllm.training.stages import (
-    Stage,
-    apply_stage,
-    count,
-    param_groups,
-    part_counts,
-    part_trains,
-    resolve,
-    set_modes,
-    trainable_names,
-    trainable_table,
-)
+from lit_mllm.training.stages import Stage, StageSchedule, part_trains
 
 DECODER_START_TOKEN = "[DEC]"
 """BLIP-2's decoder start token, added to a tokenizer that has no ``bos_token``."""
@@ -101,7 +86,7 @@ class CaptionProcessor(Processor):
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-class QFormerPretraining(L.LightningModule):
+class QFormerPretraining(StagedModule):
     """A frozen vision tower and BLIP-2's Q-Former trained with ITC, ITM and ITG (see the module docstring)."""
 
     def __init__(
@@ -113,7 +98,7 @@ class QFormerPretraining(L.LightningModule):
         embed_dim: int = 256,
         label_smoothing: float = 0.1,
         image_layout: ImageLayout | None = None,
-        stage: Stage | None = None,
+        stage: Stage | StageSchedule | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         init_from: str | None = None,
@@ -129,17 +114,17 @@ class QFormerPretraining(L.LightningModule):
             embed_dim: Width of the contrastive embeddings (BLIP-2: 256).
             label_smoothing: Label smoothing of the ITC and ITG cross-entropies (BLIP-2: 0.1).
             image_layout: How an image becomes tower input (default ``Resize``; one crop per image).
-            stage: What trains (default: qformer + heads, the tower frozen).
+            stage: What trains (default: qformer + heads, the tower frozen), or a StageSchedule of stages
+                switched at step milestones.
             optimizer: Optimizer class and options (parameters are filled in).
             scheduler: Learning-rate scheduler class and options, stepped every optimizer step.
             init_from: Weights to start from after the parts are built (a ``.ckpt`` of this module or an exported
                 ``model.safetensors``).
         """
-        super().__init__()
+        super().__init__(stage, optimizer, scheduler)
         self.save_hyperparameters(
             ignore=["vision_tower", "qformer", "image_layout", "optimizer", "scheduler"]
         )
-        self.strict_loading = False  # checkpoints hold trainable weights only (checked in on_load_checkpoint)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(TINY_BERT_TOKENIZER_DIR) if tokenizer is None else tokenizer)
@@ -160,10 +145,6 @@ class QFormerPretraining(L.LightningModule):
         self.heads = PretrainingHeads(self.qformer.hidden_size, len(tok), embed_dim)
         self.max_text_length, self.label_smoothing = max_text_length, label_smoothing
         self.image_layout = image_layout or Resize()
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.stage = stage or self.default_stage()
-        if self.stage.trainable is None:  # a stage that names no trainable parts trains the default ones
-            self.stage = dataclasses.replace(self.stage, trainable=self.default_stage().trainable)
         self.split_losses = nn.ModuleDict(
             {
                 f"{split}_{name}": MeanMetric()
@@ -172,14 +153,7 @@ class QFormerPretraining(L.LightningModule):
             }
         )
         self.split_r1 = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
-        parts = self.parts()
-        self.stage.check(parts)
-        for name, spec in self.stage.lora.items():
-            for module in resolve(parts, name):
-                add_lora(module, spec, name)
-        apply_stage(parts, self.stage)
-        if init_from is not None:
-            load_weights(self, init_from)
+        self.freeze_and_load(init_from)
 
     # -- parts and stage --------------------------------------------------------------------------------------
     @classmethod
@@ -196,12 +170,6 @@ class QFormerPretraining(L.LightningModule):
         """Query outputs per image (what the stage-2 connector hands the LLM)."""
         return self.qformer.num_queries
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # frozen parts stay in eval mode whatever Lightning asks
-            set_modes(self.parts(), self.stage)
-        return self
-
     def processor(self) -> Processor:
         """Captions as ``[CLS] caption [SEP]`` and their images, for the DataModule."""
         tower = self.vision_tower
@@ -216,18 +184,10 @@ class QFormerPretraining(L.LightningModule):
         )
 
     def describe(self) -> dict[str, int | str]:
-        """Figures logged as hyperparameters of every run."""
-        facts: dict[str, int | str] = {"stage": self.stage.name}
-        for name, (total, trainable) in part_counts(self.parts(), self.stage).items():
-            facts[f"params/{name}"], facts[f"params_trainable/{name}"] = total, trainable
-        facts["params/total"], facts["params_trainable/total"] = count(self)
+        """The base's figures (stage, parameters per part) and the query outputs per image."""
+        facts = super().describe()
         facts["image_tokens"] = self.tokens_per_image
         return facts
-
-    def on_fit_start(self) -> None:
-        rank_zero_info(trainable_table(self.parts(), self.stage))
-        if self.logger is not None:
-            self.logger.log_hyperparams(self.describe())
 
     # -- the three objectives ---------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -355,46 +315,3 @@ class QFormerPretraining(L.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
-
-    # -- checkpoints: trainable weights only; frozen ones are rebuilt from the config's sources -----------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if "state_dict" in checkpoint:
-            frozen = trainable_names(self, trains=False)
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint["lit_mllm"] = {
-            "stage": self.stage.name,
-            "frozen_weights": "rebuilt from the config's sources",
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "state_dict" not in checkpoint:
-            return
-        missing = sorted(trainable_names(self) - checkpoint["state_dict"].keys())
-        if missing:
-            raise KeyError(
-                f"the checkpoint lacks {len(missing)} weights that stage {self.stage.name!r} trains (e.g. "
-                f"{missing[:3]}); resume with the stage that wrote it, or start from it with init_from"
-            )
-
-    # -- optimisation -----------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        """One optimizer over parameter groups per part (stage ``lr_scale``; no weight decay on norms, biases and
-        embeddings); every trainable parameter must be in it."""
-        groups = param_groups(self.parts(), self.stage)
-        if not groups:
-            raise ValueError(f"stage {self.stage.name!r} leaves nothing to train")
-        optimizer = self.optimizer(groups)
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * group["lr_scale"]
-        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        outside = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
-        if outside:
-            raise ValueError(
-                f"trainable parameters outside the optimizer: {outside[:5]} ({len(outside)} in all)"
-            )
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # spans the run
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
