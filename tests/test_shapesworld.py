@@ -783,3 +783,24 @@ def test_skill_sets_ask_one_kind_and_answer_truly(variant_roots):
         ShapesWorld(**VARIANTS, skill_sets=("text",))
     with pytest.raises(ValueError, match="together at most 1"):
         ShapesWorld(**VARIANTS, noisy_captions=0.6, rare_token_captions=0.5)
+
+
+def test_a_run_that_finds_its_dataset_written_by_another_meanwhile_keeps_that_one(tmp_path):
+    """A sweep's parallel arms each find the dataset missing and generate it, each into its own partial folder:
+    when another run's finished dataset appears while this one writes (here: during its first drawing), this run
+    drops its copy instead of failing or mixing the two, and no partial folder is left."""
+    import shutil
+
+    finished = tmp_path / "finished"
+    ShapesWorld(**SMALL).write(finished)
+    root = tmp_path / "sw"
+
+    class Racing(ShapesWorld):
+        def render(self, *args, **kwargs):
+            if not root.exists():  # the other run finishes first
+                shutil.copytree(finished, root)
+            return super().render(*args, **kwargs)
+
+    Racing(**SMALL).write(root)
+    check_published(root, "small")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished", "sw"]

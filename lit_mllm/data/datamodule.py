@@ -312,7 +312,11 @@ class MixtureData(L.LightningDataModule):
         if self.generator is None:
             return
         if not self.root.exists():
-            self.generator.write(self.root)
+            try:
+                self.generator.write(self.root)
+            except FileExistsError:  # another run (a sweep's parallel arm) wrote it since the check above
+                if not self.root.exists():
+                    raise
         elif self._empty_root():
             print(self._empty_root_note(), flush=True)
 

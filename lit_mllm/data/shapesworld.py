@@ -36,6 +36,7 @@ written in the image?" -> "CAT"). Answers are single words or short phrases.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -388,7 +389,9 @@ class ShapesWorld:
         root = Path(root)
         if root.exists():
             raise FileExistsError(f"{root} exists; ShapesWorld writes only into a new folder")
-        tmp = root.with_name(root.name + ".partial")
+        # this process's own partial folder: runs started together (a sweep's parallel arms) each write theirs,
+        # and the first to finish renames it into place (the same files: the generator is deterministic)
+        tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "images").mkdir(parents=True)
         splits = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -452,7 +455,12 @@ class ShapesWorld:
                 files += write_multi_image(self, tmp, split, scenes[split], count)
         meta = {"generator": asdict(self), "images": sum(splits.values()), "files": files}
         (tmp / "shapesworld.json").write_text(json.dumps(meta, indent=1))
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not (root / "shapesworld.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another run wrote the same dataset first
 
 
 def write_shapesworld(*, out: str, generator: ShapesWorld = ShapesWorld()) -> None:
