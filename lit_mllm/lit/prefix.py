@@ -59,7 +59,8 @@ class PrefixFusionVLM(VLMModule):
             generation: How replies are decoded in ``predict`` and for generation metrics (default: greedy, at most
                 32 new tokens).
             metrics: Evaluation metrics by name, logged as ``val/<name>`` and ``test/<name>`` (default
-                ``{accuracy: ReplyExactMatch}``, teacher-forced reply exact match).
+                :func:`~lit_mllm.lit.base.default_metrics`: teacher-forced reply exact match, overall and per
+                question kind).
             feature_cache: A frozen tower's features read from disk instead of recomputed (off by default;
                 refused when a stage trains the tower): see ``lit_mllm.data.FeatureCache``.
             init_from: Weights to start from, after the parts are built from their sources: a checkpoint of an
