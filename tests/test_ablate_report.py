@@ -83,6 +83,21 @@ def test_report_tables_differences_and_files(tmp_path):
     assert verdict[("connector", "cabstractor", "tokens=36")] == "False"
     assert "2 of 4 differences exceed their noise." in text
 
+    # main effects: each axis's levels pooled over the other axis and the seeds (the failed arm left out)
+    effects = list(csv.DictReader(open(path.parent / "effects.csv")))
+    level = {(e["axis"], e["level"]): e for e in effects}
+    at36 = ACCURACY[("avgpool", 36)] + ACCURACY[("cabstractor", 36)]
+    at16 = ACCURACY[("avgpool", 16)] + ACCURACY[("cabstractor", 16)][:2]
+    assert level[("tokens", "36")]["n"] == "6" and level[("tokens", "16")]["n"] == "5"
+    assert float(level[("tokens", "36")]["mean"]) == pytest.approx(sum(at36) / 6)
+    assert float(level[("tokens", "16")]["range"]) == pytest.approx(sum(at36) / 6 - sum(at16) / 5)
+    assert level[("tokens", "16")]["exceeds_noise"] == "True"  # tokens move the metric
+    assert level[("connector", "avgpool")]["exceeds_noise"] == "False"  # the connector does not
+    assert "## Main effects on val/accuracy" in text
+    # a metric equal in every arm is listed once, not tabulated per condition
+    assert "Equal in every arm (not tabulated per condition): `val/loss` 1." in text
+    assert "## val/loss" not in text
+
     assert len(list(csv.DictReader(open(path.parent / "arms.csv")))) == 12
     for name in ("val-accuracy_by_tokens.png", "curves_train-loss.png"):
         assert (path.parent / name).stat().st_size > 1000 and f"]({name})" in text

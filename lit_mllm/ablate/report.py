@@ -2,12 +2,16 @@
 
 :func:`write_report` (``lit-mllm report STUDY_DIR``) writes into ``STUDY_DIR/report/``:
 
-    report.md          per metric: each condition's mean and t-based 95% interval over its seeds; per axis, each
-                       level against the axis's first level with the other axes held, Welch's 95% interval of the
-                       difference and whether it excludes 0 ("exceeds noise"); failed and unfinished arms, with logs
+    report.md          per metric: each condition's mean and t-based 95% interval over its seeds (a metric equal in
+                       every arm, such as an answer baseline, once in a list); per axis, each level against the
+                       axis's first level with the other axes held, Welch's 95% interval of the difference and
+                       whether it excludes 0 ("exceeds noise"); the main effects (each axis's levels pooled over
+                       the other axes and the seeds: which axis moves the metric most, MM1's question); failed and
+                       unfinished arms, with logs
     arms.csv           one row per arm: its levels, state and every metric of its metrics.json
     summary.csv        one row per condition and metric: n, mean, sd, interval
     differences.csv    the differences above, for the main metric
+    effects.csv        the main effects, for the main metric
     <metric>_by_<x>.png    the main metric against one axis, a line per level of another, a panel per level of
                        the rest (MM1's connector figure: accuracy against image tokens, a line per connector)
     curves_<tag>.png   training curves per condition (mean over seeds) read from the arms' TensorBoard events
@@ -174,6 +178,46 @@ def difference_rows(study: Study, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
+def effect_rows(study: Study, metric: str) -> list[dict[str, Any]]:
+    """Main effects: per varying axis and level, ``metric`` over every done arm at that level (the other axes and
+    the seeds pooled), and per axis its range (best level's mean minus the worst's) with Welch's 95% interval of
+    that difference. Pooling counts the other axes' effects as noise, so the interval is conservative; in a full
+    grid every level sees the same mix of the other axes, so the means compare fairly."""
+    rows = []
+    for axis in study.varying:
+        pooled = {
+            level: [
+                a.metrics[metric]
+                for a in study.done
+                if a.labels[axis] == level and _finite(a.metrics.get(metric))
+            ]
+            for level in study.levels(axis)
+        }
+        summaries = {level: summarize(v) for level, v in pooled.items() if v}
+        if len(summaries) < 2:
+            continue
+        best = max(summaries, key=lambda k: summaries[k].mean)
+        worst = min(summaries, key=lambda k: summaries[k].mean)
+        d = welch(pooled[best], pooled[worst])
+        for level, s in summaries.items():
+            rows.append(
+                {"axis": axis, "level": level, "metric": metric, "n": s.n, "mean": s.mean, "sd": s.sd}
+                | {"ci_low": s.low, "ci_high": s.high, "range": d.diff, "best": best, "worst": worst}
+                | {"range_ci_low": d.low, "range_ci_high": d.high, "exceeds_noise": d.exceeds_noise}
+            )
+    return rows
+
+
+def constant_metrics(study: Study, metrics: Sequence[str]) -> dict[str, float]:
+    """The metrics with one and the same value in every done arm (answer baselines, for instance): reported once."""
+    same = {}
+    for metric in metrics:
+        values = {a.metrics.get(metric) for a in study.done}
+        if len(study.done) > 1 and len(values) == 1 and _finite(next(iter(values))):
+            same[metric] = next(iter(values))
+    return same
+
+
 def arm_rows(study: Study) -> list[dict[str, Any]]:
     """One row per arm: name, condition, seed, state, its labels and its metrics."""
     return [
@@ -213,7 +257,11 @@ def markdown(study: Study, metrics: Sequence[str], main: str | None, plots: Sequ
         "Means over seeds with t-based 95% intervals (n = seeds done; no interval with one seed).",
         "",
     ]
-    for metric in metrics:
+    same = constant_metrics(study, metrics)
+    if same:
+        lines += ["Equal in every arm (not tabulated per condition): "
+                  + ", ".join(f"`{k}` {_fmt(v)}" for k, v in same.items()) + ".", ""]  # fmt: skip
+    for metric in (m for m in metrics if m not in same):
         lines += [f"## {metric}", ""]
         head = [*study.varying, "n", "mean", "95% interval"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -241,9 +289,46 @@ def markdown(study: Study, metrics: Sequence[str], main: str | None, plots: Sequ
             )
         beyond = sum(r["exceeds_noise"] for r in rows)
         lines += ["", f"{beyond} of {len(rows)} differences exceed their noise.", ""]
+        lines += _effects_markdown(study, main)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _effects_markdown(study: Study, main: str) -> list[str]:
+    rows = effect_rows(study, main)
+    if not rows:
+        return []
+    lines = [
+        f"## Main effects on {main}",
+        "",
+        "Each axis's levels with the other axes and the seeds pooled; the axis's range is its best level's mean "
+        "minus its worst's, with Welch's 95% interval (conservative: the other axes' effects count as noise). "
+        "The axis with the largest range moves the metric most.",
+        "",
+        "| axis | level | n | mean | 95% interval | axis range | range's 95% interval | exceeds noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    shown: set[str] = set()
+    for r in rows:
+        first = r["axis"] not in shown
+        shown.add(r["axis"])
+        interval = "-" if not _finite(r["ci_low"]) else f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        rng = f"{_fmt(r['range'])} ({r['best']} - {r['worst']})" if first else ""
+        rng_ci = (
+            (
+                "-"
+                if not _finite(r["range_ci_low"])
+                else f"[{r['range_ci_low']:.4g}, {r['range_ci_high']:.4g}]"
+            )
+            if first
+            else ""
+        )
+        verdict = ("**yes**" if r["exceeds_noise"] else "no") if first else ""
+        lines.append(
+            f"| {r['axis']} | {r['level']} | {r['n']} | {_fmt(r['mean'])} | {interval} | {rng} | {rng_ci} | {verdict} |"
+        )
+    return [*lines, ""]
 
 
 # -- plots -----------------------------------------------------------------------------------------------------
@@ -385,6 +470,7 @@ def write_report(
     write_csv(out / "summary.csv", summary_rows(study, metrics))
     if main is not None:
         write_csv(out / "differences.csv", difference_rows(study, main))
+        write_csv(out / "effects.csv", effect_rows(study, main))
     plots: list[Path] = []
     varying = study.varying
     x = x or study.report.get("x") or (varying[0] if varying else None)
