@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from torch import Tensor
+from torch.utils.data import get_worker_info
 
 from lit_mllm.data.batch import Batch
 from lit_mllm.nn.language.chat import IGNORE_INDEX
@@ -73,8 +76,25 @@ def pack(lengths: list[int], max_length: int, extra_rows: int = 2) -> list[list[
     return [sorted(row) for row in best[1]]
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> Tensor:
+    """An uninitialised tensor, allocated in shared memory when ``shared``.
+
+    A loader worker's batch crosses to the main process through shared memory: a tensor built in private memory
+    is copied into a new shared block when it is sent (as torch's ``default_collate`` avoids by collating into
+    shared memory inside workers)."""
+    numel = math.prod(shape)
+    if not shared or numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate(
-    items: list[dict], pad_token_id: int, padding_side: str = "right", pack_length: int | None = None
+    items: list[dict],
+    pad_token_id: int,
+    padding_side: str = "right",
+    pack_length: int | None = None,
+    shared: bool | None = None,
 ) -> Batch:
     """Pad (or pack) processed samples into a :class:`~lit_mllm.data.batch.Batch`.
 
@@ -82,36 +102,46 @@ def collate(
     per sample, no attention mask). Generation items (``padding_side="left"``) also give ``prompts`` and
     ``references``; items that carry a processed prompt (``"generation"``) give the batch's ``generation`` batch.
     No item gives an empty batch (every sample of it was bad and skipped).
+
+    ``shared`` (default: inside a loader worker) builds the batch in shared memory, as two blocks: the ``[R, L]``
+    token tensors are views of one ``[4, R, L]`` block and the images one ``[I, 3, S, S]`` block, so the batch
+    reaches the main process without another copy and as two shared blocks instead of one per tensor.
     """
     if pack_length is not None and padding_side != "right":
         raise ValueError("packing is for training batches (right padding)")
+    shared = get_worker_info() is not None if shared is None else shared
     lengths = [len(it["input_ids"]) for it in items]
     rows = pack(lengths, pack_length) if pack_length else [[i] for i in range(len(items))]
     width = max((sum(lengths[i] for i in row) for row in rows), default=0)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    sample_index = torch.full(shape, -1, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
+    packed = pack_length is not None
+    # input_ids, labels, sample_index and position_ids (packed) or attention_mask (padded): [4, R, L]
+    block = _empty((4, len(rows), width), torch.long, shared)
+    fill = block.numpy()  # numpy: cheaper than torch per small slice assignment
+    fill[0], fill[1], fill[2], fill[3] = pad_token_id, IGNORE_INDEX, -1, 0
+    input_ids, labels, sample_index, positions = fill
     pixels, keys = [], []
     for r, row in enumerate(rows):
         start = width - sum(lengths[i] for i in row) if padding_side == "left" else 0
         for i in row:
-            n, sl = lengths[i], slice(start, start + lengths[i])
-            input_ids[r, sl] = items[i]["input_ids"]
-            labels[r, sl] = items[i]["labels"]
+            end = start + lengths[i]
+            input_ids[r, start:end] = np.asarray(items[i]["input_ids"])
+            labels[r, start:end] = np.asarray(items[i]["labels"])
             labels[r, start] = IGNORE_INDEX  # a sample's first token is never predicted from its neighbour
-            sample_index[r, sl] = i
-            position_ids[r, sl] = torch.arange(n)
-            attention_mask[r, sl] = 1
-            start += n
+            sample_index[r, start:end] = i
+            if packed:
+                positions[r, start:end] = np.arange(lengths[i])
+            else:
+                positions[r, start:end] = 1
+            start = end
             if items[i]["pixel_values"] is not None:
                 pixels.append(items[i]["pixel_values"])
                 keys.append(items[i].get("image_keys"))
-        if pack_length:  # padding continues the positions so it never joins a sample's attention block
-            position_ids[r, start:] = torch.arange(width - start) + position_ids[r, start - 1] + 1
-    packed = pack_length is not None
+        if packed:  # padding continues the positions so it never joins a sample's attention block
+            positions[r, start:] = np.arange(width - start) + positions[r, start - 1] + 1
+    pixel_values = None
+    if pixels:
+        pixel_values = _empty((sum(len(p) for p in pixels), *pixels[0].shape[1:]), pixels[0].dtype, shared)
+        torch.cat(pixels, out=pixel_values)
     generating = bool(items) and "references" in items[0]
     with_prompts = bool(items) and "generation" in items[0]
     return Batch(
@@ -119,18 +149,18 @@ def collate(
         sources=[it.get("source", "") for it in items],
         meta=[it.get("meta", {}) for it in items],
         row_names=["+".join(items[i]["id"] for i in row) for row in rows],
-        input_ids=input_ids,
-        labels=labels,
-        sample_index=sample_index,
-        attention_mask=None if packed else attention_mask,
-        position_ids=position_ids if packed else None,
-        pixel_values=torch.cat(pixels) if pixels else None,
+        input_ids=block[0],
+        labels=block[1],
+        sample_index=block[2],
+        attention_mask=None if packed else block[3],
+        position_ids=block[3] if packed else None,
+        pixel_values=pixel_values,
         images_per_row=[sum(items[i]["num_images"] for i in row) for row in rows],
         image_keys=[k for ks in keys for k in ks] if keys and None not in keys else None,
         prompts=[it["prompt"] for it in items] if generating else None,
         references=[it["references"] for it in items] if generating else None,
         generation=(
-            collate([it["generation"] for it in items], pad_token_id, padding_side="left")
+            collate([it["generation"] for it in items], pad_token_id, padding_side="left", shared=shared)
             if with_prompts
             else None
         ),

@@ -100,6 +100,13 @@ def _place(image: AnyImage, width: int, height: int, x: int, y: int, fill: tuple
     return canvas
 
 
+def _same_storage(crop: Tensor, image: AnyImage) -> bool:
+    """Whether ``crop`` is (a view of) the ``image`` tensor itself, which the caller may still change."""
+    return (
+        isinstance(image, Tensor) and crop.untyped_storage().data_ptr() == image.untyped_storage().data_ptr()
+    )
+
+
 def _tiles(image: AnyImage, xs: Sequence[int], ys: Sequence[int], size: int) -> list[AnyImage]:
     """``size x size`` windows with top-left corners ``xs x ys``, row-major (left to right, top to bottom)."""
     if isinstance(image, Image.Image):
@@ -131,9 +138,10 @@ class ImageLayout(ABC):
 
     def pixels(self, image: AnyImage, size: int) -> Tensor:
         """The same crops as uint8 ``[num_crops, 3, size, size]`` (contiguous)."""
-        return torch.stack(
-            [to_tensor(c) if isinstance(c, Image.Image) else c for c in self._cut(image, size)]
-        )
+        crops = [to_tensor(c) if isinstance(c, Image.Image) else c for c in self._cut(image, size)]
+        if len(crops) == 1 and crops[0].is_contiguous() and not _same_storage(crops[0], image):
+            return crops[0][None]  # one crop that a resize made: returned without a copy
+        return torch.stack(crops)
 
     def _cut(self, image: AnyImage, size: int) -> list[AnyImage]:
         if isinstance(image, Tensor) and (
