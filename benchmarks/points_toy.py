@@ -1,6 +1,7 @@
 """POINTS at toy scale (arXiv 2409.04828): does perplexity filtering beat training on everything, and does a soup of
 two skill-specific fine-tunes beat each of them? On ShapesWorld with noisy captions and skill sets, through the
-``lit-mllm`` commands (fit, score-data, soup, evaluate) on the quickstart's tiny model.
+``lit-mllm`` commands (fit, score-data, soup, evaluate) on the toy grids' model (the quickstart's at 32 px with
+2 tower and 2 LLM layers, batch 16). Results and what they say: docs/points.md, "The toy demonstration".
 
 1. Filter. A scorer is trained on the noisy training captions (``noisy_captions`` unrelated to their image,
    ``rare_token_captions`` with junk tokens); ``score-data --keep`` keeps the lowest-perplexity share. Two caption
@@ -10,7 +11,7 @@ two skill-specific fine-tunes beat each of them? On ShapesWorld with noisy capti
    colour-only and on the count-only set; both and their uniform / greedy soups are scored on the two skills'
    validation sets (``val/accuracy`` over both, and per skill).
 
-    python benchmarks/points_toy.py            # sized for ~20 minutes on 2 CPU cores; not timed yet
+    python benchmarks/points_toy.py            # seeds 0 and 1; 5 min on the idle 2-core CPU (24 min shared)
     python benchmarks/points_toy.py --quick    # the pipeline end to end, minutes; its numbers mean nothing
 
 Prints a table per experiment and ends with ``points_filter_gain: <value>`` (unfiltered minus filtered clean
