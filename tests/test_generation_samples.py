@@ -41,3 +41,25 @@ def test_replies_and_images_of_the_first_validation_samples_reach_tensorboard(sh
 def test_num_samples_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         GenerationSamples(num_samples=0)
+
+
+def test_a_module_that_generates_no_text_is_passed_over(tmp_path, caplog):
+    """BLIP-2 stage 1 stacked on the quickstart (whose callbacks include GenerationSamples) validates without
+    generating: the callback says once that there is nothing to show, and never asks the processor to prompt."""
+    from types import SimpleNamespace
+
+    class NoGenerate:  # QFormerPretraining's shape: a processor, no generate
+        def processor(self):
+            raise AssertionError("the processor must not be asked for generation prompts")
+
+    trainer = SimpleNamespace(
+        loggers=[TensorBoardLogger(str(tmp_path))],
+        sanity_checking=False,
+        is_global_zero=True,
+        datamodule=SimpleNamespace(sources=lambda split: {}),
+    )
+    callback = GenerationSamples()
+    with caplog.at_level("INFO"):
+        callback.on_validation_epoch_end(trainer, NoGenerate())
+        callback.on_validation_epoch_end(trainer, NoGenerate())
+    assert caplog.text.count("generates no text") == 1

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from lightning import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_mllm.data.collate import collate
 from lit_mllm.data.images import load_image
@@ -23,7 +24,8 @@ from lit_mllm.data.sample import DataError, Sample
 
 class GenerationSamples(Callback):
     """Logs ``num_samples`` generations per validation source to TensorBoard after each validation (rank 0; a no-op
-    without a TensorBoard logger)."""
+    without a TensorBoard logger, and for a module that generates no text, such as BLIP-2 stage 1 stacked on the
+    quickstart, which says so once)."""
 
     def __init__(self, num_samples: int = 4) -> None:
         """
@@ -34,6 +36,7 @@ class GenerationSamples(Callback):
             raise ValueError(f"GenerationSamples num_samples={num_samples}; give at least 1")
         self.num_samples = num_samples
         self._logged_images: set[str] = set()
+        self._said_no_generation = False
 
     def picked(self, datamodule, image_token: str) -> list[Sample]:
         """The first ``num_samples`` usable samples of each validation source (bad records are passed over)."""
@@ -59,6 +62,13 @@ class GenerationSamples(Callback):
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "sources"):
+            return
+        if not callable(getattr(pl_module, "generate", None)):  # e.g. BLIP-2 stage 1 or CLIP pretraining
+            if not self._said_no_generation:
+                rank_zero_info(
+                    f"GenerationSamples: {type(pl_module).__name__} generates no text; no samples logged"
+                )
+                self._said_no_generation = True
             return
         processor = pl_module.processor()
         samples = self.picked(datamodule, processor.image_token)
