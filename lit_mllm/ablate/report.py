@@ -240,8 +240,12 @@ def _fmt(value: float) -> str:
     return "-" if not _finite(value) else f"{value:.4g}"
 
 
+def _bounds(low: float, high: float) -> str:
+    return "-" if not _finite(low) else f"[{low:.4g}, {high:.4g}]"
+
+
 def _interval(s: Summary) -> str:
-    return "-" if not _finite(s.half_width) else f"[{s.low:.4g}, {s.high:.4g}]"
+    return _bounds(s.low, s.high)
 
 
 def markdown(study: Study, metrics: Sequence[str], main: str | None, plots: Sequence[Path]) -> str:
@@ -281,7 +285,7 @@ def markdown(study: Study, metrics: Sequence[str], main: str | None, plots: Sequ
             "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            interval = "-" if not _finite(r["ci_low"]) else f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+            interval = _bounds(r["ci_low"], r["ci_high"])
             verdict = "**yes**" if r["exceeds_noise"] else "no"
             lines.append(
                 f"| {r['axis']} | {r['level']} | {r['versus']} | {r['held'] or '-'} | {_fmt(r['difference'])} | "
@@ -313,17 +317,9 @@ def _effects_markdown(study: Study, main: str) -> list[str]:
     for r in rows:
         first = r["axis"] not in shown
         shown.add(r["axis"])
-        interval = "-" if not _finite(r["ci_low"]) else f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        interval = _bounds(r["ci_low"], r["ci_high"])
         rng = f"{_fmt(r['range'])} ({r['best']} - {r['worst']})" if first else ""
-        rng_ci = (
-            (
-                "-"
-                if not _finite(r["range_ci_low"])
-                else f"[{r['range_ci_low']:.4g}, {r['range_ci_high']:.4g}]"
-            )
-            if first
-            else ""
-        )
+        rng_ci = _bounds(r["range_ci_low"], r["range_ci_high"]) if first else ""
         verdict = ("**yes**" if r["exceeds_noise"] else "no") if first else ""
         lines.append(
             f"| {r['axis']} | {r['level']} | {r['n']} | {_fmt(r['mean'])} | {interval} | {rng} | {rng_ci} | {verdict} |"
