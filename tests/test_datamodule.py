@@ -3,6 +3,7 @@ mid-epoch sees exactly the samples (and losses) and continues the counts of an u
 number of workers, also when a schedule spanning the run makes Lightning build the loader before it restores
 the checkpoint."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -10,20 +11,40 @@ from lit_mllm.training import WarmupCosine
 from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 
-def fit(root, tmp_path, max_steps, ckpt_path=None, num_workers=0, save_every=None, module=None, **trainer):
+def fit(
+    root, tmp_path, max_steps, ckpt_path=None, num_workers=0, save_every=None, module=None, callbacks=(), **trainer
+):
     model, record = tiny_model(module=module), Record()
     dm = shapes_data(root, batch_size=4, num_workers=num_workers, seed=7)
     dm.connect(model.processor())
-    tiny_fit(model, dm, max_steps, tmp_path, ckpt_path, save_every, callbacks=[record], **trainer)
+    tiny_fit(model, dm, max_steps, tmp_path, ckpt_path, save_every, callbacks=[record, *callbacks], **trainer)
     return record, dm
 
 
-def test_batches_follow_the_plan_across_epochs(shapes_root, tmp_path):
-    record, dm = fit(shapes_root, tmp_path, max_steps=9)  # 6 batches per epoch: crosses into epoch 1
-    plan = [b for e in (0, 1) for b in dm.mixture().batches(e)]
+class WorkerPids(L.Callback):
+    """The process ids of the training loader's workers at the end of each epoch."""
+
+    def __init__(self) -> None:
+        self.pids = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        iterator = trainer.train_dataloader._iterator  # torch's multi-process iterator; None without workers
+        self.pids.append([w.pid for w in iterator._workers] if iterator is not None else [])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_follow_the_plan_across_epochs(shapes_root, tmp_path, workers):
+    """Epoch 1 follows its own plan also in loader workers started in epoch 0 (they persist: the same
+    processes serve both epochs, reading the epoch the main process sets)."""
+    pids = WorkerPids()
+    record, dm = fit(shapes_root, tmp_path, max_steps=18, num_workers=workers, callbacks=[pids])
+    plan = [b for e in (0, 1, 2) for b in dm.mixture().batches(e)]  # 6 batches per epoch: 3 epochs
     source = dm.sources("fit")["shapesworld"]
-    assert record.ids == [[source.sample(i, "<image>").id for _, i in b] for b in plan[:9]]
+    assert record.ids == [[source.sample(i, "<image>").id for _, i in b] for b in plan]
     assert record.stats[-1]["data/ratio/shapesworld"] == 1.0
+    if workers:
+        assert len(pids.pids) == 3 and len(pids.pids[0]) == workers
+        assert pids.pids[0] == pids.pids[1] == pids.pids[2]
 
 
 def test_mid_epoch_resume_sees_the_same_samples_and_losses(shapes_root, tmp_path):

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from lit_mllm.data.batch import Batch, LoaderReport
@@ -125,14 +126,33 @@ class _Loader:
 
 class MixtureStream(IterableDataset):
     """This rank's training batches of one epoch, built in the loader workers (worker ``w`` of ``W`` builds
-    batches ``w, w + W, ...``, which the DataLoader yields in order)."""
+    batches ``w, w + W, ...``, which the DataLoader yields in order).
+
+    The pass's ``epoch`` and first batch ``start`` live in shared memory: the workers persist across epochs (no
+    fork of the training process per epoch) and read both when the main process starts a pass."""
 
     def __init__(
         self, loader: _Loader, mixture: Mixture, rank: int, world_size: int, collate_kwargs: dict
     ) -> None:
         self.loader, self.mixture, self.collate_kwargs = loader, mixture, collate_kwargs
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
+        self._pass = torch.zeros(2, dtype=torch.long).share_memory_()  # (epoch, start)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._pass[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._pass[0] = value
+
+    @property
+    def start(self) -> int:
+        return int(self._pass[1])
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._pass[1] = value
 
     def __len__(self) -> int:
         return self.mixture.num_batches(self.world_size)
@@ -140,12 +160,13 @@ class MixtureStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Batch, LoaderReport]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        plan = self.mixture.batches(self.epoch, self.rank, self.world_size)
-        for k in range(self.start + worker, len(plan), workers):
+        epoch, start = self.epoch, self.start
+        plan = self.mixture.batches(epoch, self.rank, self.world_size)
+        for k in range(start + worker, len(plan), workers):
             batch, report = self.loader.batch(
                 [self.loader.item(n, i) for n, i in plan[k]], **self.collate_kwargs
             )
-            report.position = (self.epoch, k)
+            report.position = (epoch, k)
             yield batch, report
 
 
@@ -181,7 +202,8 @@ class _EpochLoader(DataLoader):
     state it loads only when it builds the loader after restoring the loops, which that early build prevents."""
 
     def __init__(self, stream: MixtureStream, datamodule: MixtureData, **kwargs) -> None:
-        super().__init__(stream, batch_size=None, collate_fn=_as_is, **kwargs)
+        workers = kwargs.get("num_workers", 0) > 0
+        super().__init__(stream, batch_size=None, collate_fn=_as_is, persistent_workers=workers, **kwargs)
         self.datamodule = datamodule
 
     def __iter__(self) -> Iterator[tuple[Batch, LoaderReport]]:
