@@ -12,7 +12,15 @@ from tests.conftest import Record, shapes_data, tiny_fit, tiny_model
 
 
 def fit(
-    root, tmp_path, max_steps, ckpt_path=None, num_workers=0, save_every=None, module=None, callbacks=(), **trainer
+    root,
+    tmp_path,
+    max_steps,
+    ckpt_path=None,
+    num_workers=0,
+    save_every=None,
+    module=None,
+    callbacks=(),
+    **trainer,
 ):
     model, record = tiny_model(module=module), Record()
     dm = shapes_data(root, batch_size=4, num_workers=num_workers, seed=7)
