@@ -116,6 +116,19 @@ def _update(metric: EvalMetric, outputs: EvalOutputs) -> None:
 class VLMModule(StagedModule):
     """Base of the family modules: a vision tower, a connector and a decoder LLM (see the module docstring)."""
 
+    parts_args: tuple[str, ...] = (
+        "vision_tower",
+        "language_model",
+        "connector",
+        "image_layout",
+        "optimizer",
+        "scheduler",
+        "metrics",
+        "feature_cache",
+    )
+    """Constructor arguments that are parts or factories (modules, callables): kept out of the hyperparameters
+    (a family with parts of its own adds their names)."""
+
     def __init__(
         self,
         vision_tower: VisionTower,
@@ -152,6 +165,9 @@ class VLMModule(StagedModule):
         self.task_metrics = nn.ModuleDict()
         self.feature_cache = feature_cache
         self._tower_digest: str | None = None  # weights digest of the frozen tower, for the cache key
+        # The checkpoint's hyperparameters: the settings of this call and of the family's own __init__ (Lightning
+        # collects the arguments of each constructor up the call chain), not the parts, which the config rebuilds.
+        self.save_hyperparameters(ignore=list(self.parts_args))
 
     def check_schedule(self, parts: Parts) -> None:
         """Refuse a feature cache when a stage of the run trains the tower (its features change every step)."""

@@ -89,18 +89,6 @@ class CogVLM(VLMModule):
             metrics,
             feature_cache=feature_cache,
         )
-        self.save_hyperparameters(
-            ignore=[
-                "vision_tower",
-                "language_model",
-                "connector",
-                "image_layout",
-                "optimizer",
-                "scheduler",
-                "metrics",
-                "feature_cache",
-            ]
-        )
         paths = list(ROUTED if routed is None else routed)
         if not paths:
             raise ValueError("routed is empty: name the modules of a decoder layer that get a visual expert")

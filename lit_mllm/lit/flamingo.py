@@ -53,6 +53,8 @@ class FlamingoVLM(VLMModule):
     """A vision tower, a connector and a decoder LLM joined by gated cross-attention blocks (see the module
     docstring)."""
 
+    parts_args = (*VLMModule.parts_args, "xattn")
+
     def __init__(
         self,
         vision_tower: VisionTower,
@@ -113,19 +115,6 @@ class FlamingoVLM(VLMModule):
             generation,
             metrics,
             feature_cache=feature_cache,
-        )
-        self.save_hyperparameters(
-            ignore=[
-                "vision_tower",
-                "language_model",
-                "connector",
-                "xattn",
-                "image_layout",
-                "optimizer",
-                "scheduler",
-                "metrics",
-                "feature_cache",
-            ]
         )
         # The LLM's sequence holds one marker per image; the T visual tokens reach it through the blocks.
         self.media_tokens = self.tokens_per_image

@@ -100,18 +100,6 @@ class MPLUGOwl3VLM(VLMModule):
             metrics,
             feature_cache=feature_cache,
         )
-        self.save_hyperparameters(
-            ignore=[
-                "vision_tower",
-                "language_model",
-                "connector",
-                "image_layout",
-                "optimizer",
-                "scheduler",
-                "metrics",
-                "feature_cache",
-            ]
-        )
         lm = self.language_model
         if self.connector.out_dim != lm.hidden_size:
             raise ValueError(

@@ -78,18 +78,6 @@ class PrefixFusionVLM(VLMModule):
             metrics,
             feature_cache=feature_cache,
         )
-        self.save_hyperparameters(
-            ignore=[
-                "vision_tower",
-                "language_model",
-                "connector",
-                "image_layout",
-                "optimizer",
-                "scheduler",
-                "metrics",
-                "feature_cache",
-            ]
-        )
         self.freeze_and_load(init_from)
 
     def language_inputs(self, batch: Batch, images: Tensor | None) -> LanguageInputs:
