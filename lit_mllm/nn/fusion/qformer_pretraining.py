@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from lit_mllm.nn.connectors.qformer import (
     QFORMER_LAYER_NORM_EPS,
     VISION_LAYER_NORM_EPS,
-    _Attention,
+    QFormerLayer,
     _FeedForward,
     blip2_key_to_connector,
 )
@@ -83,10 +83,10 @@ def objective_mask(objective: Objective, num_queries: int, text_mask: Tensor) ->
     return allowed[None] & keys[:, None, :]  # [B, Q + L, Q + L]
 
 
-class QFormerTextLayer(nn.Module):
-    """One Q-Former layer over ``[queries; text]``: shared masked self-attention, cross-attention to the image for
-    the queries, a feed-forward per branch (BLIP-2: ``intermediate_query`` / ``output_query`` for the queries,
-    ``intermediate`` / ``output`` for the text)."""
+class QFormerTextLayer(QFormerLayer):
+    """One Q-Former layer over ``[queries; text]``: the connector's layer (shared masked self-attention,
+    cross-attention to the image for the queries, their feed-forward ``ffn``) with a feed-forward of the text's own
+    (BLIP-2: ``intermediate_query`` / ``output_query`` for the queries, ``intermediate`` / ``output`` for the text)."""
 
     def __init__(
         self,
@@ -97,10 +97,7 @@ class QFormerTextLayer(nn.Module):
         cross_attention: bool,
         dropout: float,
     ) -> None:
-        super().__init__()
-        self.self_attn = _Attention(hidden_size, hidden_size, num_heads, dropout)
-        self.cross_attn = _Attention(hidden_size, vision_dim, num_heads, dropout) if cross_attention else None
-        self.ffn = _FeedForward(hidden_size, intermediate_size, dropout)  # the queries'
+        super().__init__(hidden_size, vision_dim, num_heads, intermediate_size, cross_attention, dropout)
         self.text_ffn = _FeedForward(hidden_size, intermediate_size, dropout)
 
     def forward(self, x: Tensor, features: Tensor, num_queries: int, mask: Tensor) -> Tensor:
