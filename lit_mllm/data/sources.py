@@ -98,8 +98,9 @@ def _json_object(where: str, line: str) -> dict:
     return record
 
 
-class _JsonRecords(Source):
-    """Records of a ``.jsonl`` file (one per line, parsed lazily) or a ``.json`` list."""
+class JsonRecords(Source):
+    """Records of a ``.jsonl`` file (one per line, parsed lazily) or a ``.json`` list: the base of the sources
+    whose file holds one JSON object per record (:meth:`record` gives record ``i`` and where it is)."""
 
     def _index(self) -> int:
         path = self.file
@@ -133,7 +134,7 @@ class _JsonRecords(Source):
         return str(self.folder / p)
 
 
-class Conversations(_JsonRecords):
+class Conversations(JsonRecords):
     """LLaVA-format conversations (LLaVA-Pretrain-558K, LLaVA-Instruct-665K), ``.json`` list or ``.jsonl``::
 
         {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
@@ -343,7 +344,7 @@ class Captions(Source):
         return Sample(key, turns, [self._read(shard, exts[image_ext])], where)
 
 
-class Interleaved(_JsonRecords):
+class Interleaved(JsonRecords):
     """Interleaved image-text documents, one JSON object per line: OBELICS style ``{"texts": [str|null, ...],
     "images": [path|null, ...]}`` (parallel lists, one non-null per position) or MMC4 style ``{"text_list":
     [...], "image_info": [{"image_name": path, "matched_text_index": k}, ...]}`` (image before text ``k``).
@@ -421,7 +422,7 @@ class Interleaved(_JsonRecords):
         return Sample(sample_id, images=images, where=where, text=self.separator.join(pieces))
 
 
-class TextOnly(_JsonRecords):
+class TextOnly(JsonRecords):
     """Text-only documents, ``.jsonl`` lines ``{"text": ...}`` (optional ``id``); every token is learned."""
 
     def sample(self, i: int, image_token: str) -> Sample:
@@ -483,7 +484,7 @@ def _xyxy(box, box_format: str, where: str) -> list[float]:
     return [x, y, x + w, y + h]
 
 
-class Grounding(_JsonRecords):
+class Grounding(JsonRecords):
     """Grounding records (RefCOCO/+/g and the like), in one of three forms (``format``):
 
     - ``objects`` (default): ``.jsonl`` lines / a ``.json`` list ``{"id", "image", "width", "height", "objects":

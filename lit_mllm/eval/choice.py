@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from typing import Literal
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_mllm.data.sample import DataError, Sample
-from lit_mllm.data.sources import Source, _json_object
+from lit_mllm.data.sources import JsonRecords
 from lit_mllm.eval.metrics import EvalMetric, EvalOutputs
 from lit_mllm.nn.language.chat import IGNORE_INDEX, Turn
 
@@ -60,38 +59,20 @@ def choice_samples(question_id: str, context: str, options: list[str], answer: i
     ]
 
 
-class TextChoices(Source):
+class TextChoices(JsonRecords):
     """Text-only multiple-choice questions, ``.jsonl`` lines or a ``.json`` list of
     ``{"id", "context", "options": [...], "answer": int, "meta": {...}}``; one sample per (question, option).
 
     The records are read when the source opens (to count the options); they are small text."""
 
     def _index(self) -> int:
-        path = self.file
-        if not path.is_file():
-            raise DataError(
-                f"{path}: no such file (source path {self.path!r}, root {self.root})", "missing_file"
-            )
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            records = [
-                _json_object(f"{path} line {n}", line)
-                for n, line in enumerate(lines, start=1)
-                if line.strip()
-            ]
-        else:
-            try:
-                records = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(records, list):
-                raise DataError(f"{path}: expected a JSON list of questions, got {type(records).__name__}")
+        records = super()._index()
         self._samples: list[Sample] = []
-        for n, record in enumerate(records):
-            where = f"{path} record {n}"
+        for n in range(records):
+            record, where = self.record(n)
             try:
                 samples = choice_samples(
-                    str(record.get("id", f"{path.name}#{n}")),
+                    str(record.get("id", f"{self.file.name}#{n}")),
                     record["context"],
                     record["options"],
                     int(record["answer"]),
