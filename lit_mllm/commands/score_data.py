@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_mllm.commands.lightning import build_cli
 from lit_mllm.data.collate import collate
-from lit_mllm.data.datamodule import _Loader
+from lit_mllm.data.datamodule import SampleLoader
 from lit_mllm.data.sample import DataError, Sample
 from lit_mllm.data.subsets import check_supported, write_subset
 from lit_mllm.eval.perplexity import KEEP_RULE, Score, ScoreWriter, batch_scores, read_scores, select
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
 class _ToScore(Dataset):
     """Every record of one source: processed, or its id alone where the sidecar scored it already."""
 
-    def __init__(self, loader: _Loader, name: str, done: dict[int, str]) -> None:
+    def __init__(self, loader: SampleLoader, name: str, done: dict[int, str]) -> None:
         self.loader, self.name, self.done = loader, name, done
         self.source = loader.sources[name]
 
@@ -108,7 +108,7 @@ def score_source(model, datamodule, name: str, source, sidecar: Path, device, fo
     progress bar); the DataModule gives the processor, batch size and loader workers."""
     from tqdm.auto import tqdm
 
-    loader = _Loader({name: source}, datamodule.processor, "skip", "score")
+    loader = SampleLoader({name: source}, datamodule.processor, "skip", "score")
     done = {s.index: s.id for s in read_scores(sidecar) if s.source == name}
     dataset = _ToScore(loader, name, done)
     loaded = DataLoader(

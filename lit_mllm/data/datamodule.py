@@ -84,8 +84,9 @@ class DatasetGenerator(Protocol):
         """Write the dataset into ``root`` (which does not exist yet)."""
 
 
-class _Loader:
-    """Parses and processes drawn records under the bad-sample policy; shared by training and eval datasets.
+class SampleLoader:
+    """Parses and processes drawn records under the bad-sample policy: what the training stream, the evaluation
+    datasets, ``lit-mllm validate-data`` and ``lit-mllm score-data`` read samples through.
 
     ``split`` decides the form: ``predict`` gives prompt-only samples; ``validate``/``test`` add the prompt-only
     form when the processor asks for it (generation metrics)."""
@@ -132,7 +133,7 @@ class MixtureStream(IterableDataset):
     fork of the training process per epoch) and read both when the main process starts a pass."""
 
     def __init__(
-        self, loader: _Loader, mixture: Mixture, rank: int, world_size: int, collate_kwargs: dict
+        self, loader: SampleLoader, mixture: Mixture, rank: int, world_size: int, collate_kwargs: dict
     ) -> None:
         self.loader, self.mixture, self.collate_kwargs = loader, mixture, collate_kwargs
         self.rank, self.world_size = rank, world_size
@@ -231,7 +232,7 @@ class _EpochLoader(DataLoader):
 class EvalDataset(Dataset):
     """Every record of the split's sources once, in order (source by source)."""
 
-    def __init__(self, loader: _Loader) -> None:
+    def __init__(self, loader: SampleLoader) -> None:
         self.loader = loader
         self.index = [(n, i) for n, s in loader.sources.items() for i in range(len(s))]
 
@@ -419,8 +420,8 @@ class MixtureData(L.LightningDataModule):
         )
 
     # -- loaders ----------------------------------------------------------------------------------------------
-    def _loader_for(self, split: str) -> _Loader:
-        return _Loader(self.sources(split), self.processor, self.on_bad_sample, split)
+    def _loader_for(self, split: str) -> SampleLoader:
+        return SampleLoader(self.sources(split), self.processor, self.on_bad_sample, split)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

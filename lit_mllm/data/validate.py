@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from lit_mllm.data.datamodule import SPLIT_KEYS, MixtureData, _Loader, over_budget
+from lit_mllm.data.datamodule import SPLIT_KEYS, MixtureData, SampleLoader, over_budget
 from lit_mllm.data.sample import REASONS
 
 SHOWN_PER_REASON = 5
@@ -58,7 +58,7 @@ def scan(dm: MixtureData, splits: tuple[str, ...] = ("fit", "validate", "test"))
     for split in splits:
         sources, failed = dm.open_sources(split)
         report.unopened.update({(split, name): e for name, e in failed.items()})
-        loader = _Loader(sources, dm.processor, "skip", split)
+        loader = SampleLoader(sources, dm.processor, "skip", split)
         for name, source in sources.items():
             for i in tqdm(range(len(source)), desc=f"{split}/{name}", leave=False):
                 item = loader.item(name, i)
