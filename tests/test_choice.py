@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lit_mllm.data import MixtureData, collate
+from lit_mllm.data.sample import DataError
 from lit_mllm.data.shapesworld_formats import (
     CORNERS,
     TEXT_CHOICE_KINDS,
@@ -150,3 +151,14 @@ def test_malformed_records_are_refused(tmp_path):
     (tmp_path / "bad2.jsonl").write_text('{"id": "a", "context": "q?", "options": ["a", "b"], "answer": 2}\n')
     with pytest.raises(Exception, match="not an index"):
         TextChoices("bad2.jsonl").open(tmp_path)
+    (tmp_path / "bad3.jsonl").write_text(
+        '{"id": "a", "context": "q?", "options": ["a", "b"], "answer": 0}\n\n[1, 2]\n'
+    )
+    with pytest.raises(DataError, match=r"bad3.jsonl line 3: a record must be a JSON object, got list"):
+        TextChoices("bad3.jsonl").open(tmp_path)
+    (tmp_path / "bad4.json").write_text('[{"id": "a", "context": "q?", "options": ["a", "b"]}]')
+    with pytest.raises(DataError, match=r"bad4.json record 0: a multiple-choice record needs .*'answer'"):
+        TextChoices("bad4.json").open(tmp_path)
+    (tmp_path / "bad5.json").write_text('[["q?", ["a", "b"], 0]]')
+    with pytest.raises(DataError, match=r"bad5.json record 0: a record must be a JSON object, got list"):
+        TextChoices("bad5.json").open(tmp_path)
