@@ -19,6 +19,7 @@ whole per-sample work of the loader without workers, which is the cost per sampl
 
     python benchmarks/loader_vs_decode.py            # 1024 images of 640 x 480, 5 pairs
     python benchmarks/loader_vs_decode.py --quick    # 256 images, 1 pair
+    python benchmarks/loader_vs_decode.py --breakdown    # also the cost of each stage per sample
 """
 
 from __future__ import annotations
@@ -133,6 +134,49 @@ def epoch_rate(loader: DataLoader) -> float:
     return n / (time.perf_counter() - start)
 
 
+def stage_costs(root: Path, batch_size: int, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per sample of each stage of the loader's work, in this process on one thread, each the median
+    of ``rounds`` interleaved passes over the data (the stages measured in the same minute): the reference decode,
+    then what a loader worker does per sample, then the batch's collate in private and in shared memory (a worker
+    collates into shared memory so that the batch reaches the main process without a copy)."""
+    from lit_mllm.data.collate import collate
+
+    stream = build_loader(root, 0, batch_size).dataset
+    loader, processor = stream.loader, stream.loader.processor
+    source = loader.sources["llava"]
+    token = processor.image_token
+    samples = [source.sample(i, token) for i in range(len(source))]
+    images = [processor.image_transform.load(s.images[0], s) for s in samples]
+    items = [loader.item("llava", i) for i in range(len(source))]
+    batches = [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
+    pad = stream.collate_kwargs["pad_token_id"]
+    paths = [str(p) for p in sorted((root / "images").glob("*.jpg"))]
+
+    def pillow(p: str) -> None:
+        with Image.open(p) as im:
+            im.convert("RGB")
+
+    stages = {
+        "bare Pillow decode (the reference)": lambda: [pillow(p) for p in paths],
+        "record parse": lambda: [source.sample(i, token) for i in range(len(samples))],
+        "image read + decode (loader)": lambda: [
+            processor.image_transform.load(s.images[0], s) for s in samples
+        ],
+        "resize to the tower's size": lambda: [processor.image_transform(im) for im in images],
+        "text: template, tokens, labels": lambda: [processor.encode_text(s) for s in samples],
+        "collate, private memory": lambda: [collate(b, pad, shared=False) for b in batches],
+        "collate, shared memory (a worker)": lambda: [collate(b, pad, shared=True) for b in batches],
+    }
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    with one_torch_thread():
+        for _ in range(rounds):
+            for name, run in stages.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3 / len(samples))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = harness.parser(__doc__, quick="256 images", torch_run=False, seed=False)
     parser.add_argument("--samples", type=int, default=1024)
@@ -140,6 +184,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also print the milliseconds per sample of each stage (one process)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="(decode, loader epoch) pairs; default 5 (1 with --quick)"
     )
@@ -153,6 +202,7 @@ def main(argv: list[str] | None = None) -> float:
         decode_resize = decode_resize_rate(root, 336)
         with one_torch_thread():
             in_process = epoch_rate(build_loader(root, 0, args.batch_size))
+        costs = stage_costs(root, args.batch_size) if args.breakdown else {}
         loader = build_loader(root, args.workers, args.batch_size)
         first = (decode_rate(root), epoch_rate(loader))  # starts (forks) the workers
         pairs = [(decode_rate(root), epoch_rate(loader)) for _ in range(repeats)]  # the same workers
@@ -171,6 +221,10 @@ def main(argv: list[str] | None = None) -> float:
     )
     print(f"full loader ({args.workers} workers), later epochs:        {loader:8.1f} samples/s  (median)")
     print("per-pair ratio: " + ", ".join(f"{r:.3f}" for r in ratios))
+    if costs:
+        print("per sample, one process, one thread (median of 3 interleaved passes):")
+        for name, ms in costs.items():
+            print(f"  {name:40s} {ms:6.3f} ms")
     return harness.headline("loader_vs_decode", statistics.median(ratios), 3)
 
 

@@ -252,3 +252,21 @@ def test_gpu_step_peak_table():
     assert bench.peak_for("NVIDIA L4") == 121.0
     assert bench.peak_for("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.peak_for("NVIDIA GeForce GTX 1080") is None
+
+
+def test_loader_vs_decode_smallest(capsys):
+    """The loader benchmark end to end on 32 images: its workers persist (a first epoch, then the timed ones) and
+    the breakdown prices every stage."""
+    threads = torch.get_num_threads()
+    try:
+        ratio = load("loader_vs_decode").main(
+            ["--samples", "32", "--repeats", "2", "--workers", "1", "--batch-size", "8", "--breakdown"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert headline(out, "loader_vs_decode") == pytest.approx(ratio, abs=5e-4)
+    assert "first epoch" in out and len(re.findall(r"per-pair ratio: ([0-9.]+), ([0-9.]+)$", out, re.M)) == 1
+    stages = re.findall(r"^  (.+?) +([0-9]+\.[0-9]+) ms$", out, re.M)
+    assert [name for name, _ in stages][:2] == ["bare Pillow decode (the reference)", "record parse"]
+    assert len(stages) == 7 and all(float(ms) > 0 for _, ms in stages)
