@@ -274,7 +274,8 @@ class MixtureData(L.LightningDataModule):
             predict: Sources whose last assistant turns ``predict`` generates; default: the test sources.
             batch_size: Samples per training batch (per rank).
             eval_batch_size: Samples per val/test/predict batch; default ``batch_size``.
-            num_workers: Loader worker processes (parsing, tokenization, image decoding and collation run there).
+            num_workers: Loader worker processes (parsing, tokenization, image decoding and collation run there);
+                they start once per run and serve every epoch.
             max_length: Longest allowed sample after image expansion; default the LLM's context length.
             pack_length: Pack each training batch's samples into rows of at most this many tokens (positions
                 restart per sample, attention never crosses samples); None pads each sample to the batch's longest.
