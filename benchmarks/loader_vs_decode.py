@@ -24,13 +24,14 @@ whole per-sample work of the loader without workers, which is the cost per sampl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,8 @@ def stage_costs(root: Path, batch_size: int, rounds: int = 3) -> dict[str, float
     source = loader.sources["llava"]
     token = processor.image_token
     samples = [source.sample(i, token) for i in range(len(source))]
-    images = [processor.image_transform.load(s.images[0], s) for s in samples]
+    decoded = [processor.image_transform.load(s.images[0], s) for s in samples[:batch_size]]
+    images = [decoded[i % len(decoded)] for i in range(len(samples))]  # a batch's worth, cycled
     items = [loader.item("llava", i) for i in range(len(source))]
     batches = [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
     pad = stream.collate_kwargs["pad_token_id"]
@@ -156,16 +158,21 @@ def stage_costs(root: Path, batch_size: int, rounds: int = 3) -> dict[str, float
         with Image.open(p) as im:
             im.convert("RGB")
 
+    def each(fn: Callable, xs: list) -> Callable[[], None]:
+        """A pass of ``fn`` over ``xs`` that drops each result before the next, as a worker does (keeping a
+        thousand decoded images would time fresh memory's page faults instead of the stage)."""
+        return lambda: collections.deque(map(fn, xs), maxlen=0)
+
     stages = {
-        "bare Pillow decode (the reference)": lambda: [pillow(p) for p in paths],
-        "record parse": lambda: [source.sample(i, token) for i in range(len(samples))],
-        "image read + decode (loader)": lambda: [
-            processor.image_transform.load(s.images[0], s) for s in samples
-        ],
-        "resize to the tower's size": lambda: [processor.image_transform(im) for im in images],
-        "text: template, tokens, labels": lambda: [processor.encode_text(s) for s in samples],
-        "collate, private memory": lambda: [collate(b, pad, shared=False) for b in batches],
-        "collate, shared memory (a worker)": lambda: [collate(b, pad, shared=True) for b in batches],
+        "bare Pillow decode (the reference)": each(pillow, paths),
+        "record parse": each(lambda i: source.sample(i, token), range(len(samples))),
+        "image read + decode (loader)": each(
+            lambda s: processor.image_transform.load(s.images[0], s), samples
+        ),
+        "resize to the tower's size": each(processor.image_transform, images),
+        "text: template, tokens, labels": each(processor.encode_text, samples),
+        "collate, private memory": each(lambda b: collate(b, pad, shared=False), batches),
+        "collate, shared memory (a worker)": each(lambda b: collate(b, pad, shared=True), batches),
     }
     times: dict[str, list[float]] = {name: [] for name in stages}
     with one_torch_thread():
