@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -135,6 +136,20 @@ def epoch_rate(loader: DataLoader) -> float:
     return n / (time.perf_counter() - start)
 
 
+def workers_cpu_seconds(loader: DataLoader) -> float | None:
+    """User + system CPU seconds the loader's running workers have used so far (from ``/proc``; None elsewhere)."""
+    iterator = getattr(
+        loader, "_iterator", None
+    )  # torch's multi-process iterator, kept by persistent workers
+    if iterator is None or not Path("/proc/self/stat").exists():
+        return None
+    total = 0
+    for worker in iterator._workers:
+        fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def stage_costs(root: Path, batch_size: int, rounds: int = 3) -> dict[str, float]:
     """Milliseconds per sample of each stage of the loader's work, in this process on one thread, each the median
     of ``rounds`` interleaved passes over the data (the stages measured in the same minute): the reference decode,
@@ -212,7 +227,9 @@ def main(argv: list[str] | None = None) -> float:
         costs = stage_costs(root, args.batch_size) if args.breakdown else {}
         loader = build_loader(root, args.workers, args.batch_size)
         first = (decode_rate(root), epoch_rate(loader))  # starts (forks) the workers
+        cpu_before = workers_cpu_seconds(loader)
         pairs = [(decode_rate(root), epoch_rate(loader)) for _ in range(repeats)]  # the same workers
+        cpu_after = workers_cpu_seconds(loader)
         del loader  # stops the workers before their data goes
     ratios = [loader / decode for decode, loader in pairs]
     decode, loader = (statistics.median(x) for x in zip(*pairs))
@@ -227,6 +244,9 @@ def main(argv: list[str] | None = None) -> float:
         f"(starts the workers; {first[1] / first[0]:.3f} of decode)"
     )
     print(f"full loader ({args.workers} workers), later epochs:        {loader:8.1f} samples/s  (median)")
+    if cpu_before is not None and cpu_after is not None:
+        per_sample = (cpu_after - cpu_before) * 1e3 / (n * repeats)
+        print(f"loader workers' CPU, later epochs:              {per_sample:8.3f} ms per sample")
     print("per-pair ratio: " + ", ".join(f"{r:.3f}" for r in ratios))
     if costs:
         print("per sample, one process, one thread (median of 3 interleaved passes):")
