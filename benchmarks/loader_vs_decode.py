@@ -129,10 +129,19 @@ def build_loader(root: Path, workers: int, batch_size: int) -> DataLoader:
     return dm.train_dataloader()
 
 
+FIRST_BATCH: list[float] = []
+"""Seconds from asking for each timed pass's first batch to receiving it, in order."""
+
+
 def epoch_rate(loader: DataLoader) -> float:
-    """Samples/s of one pass through ``loader``, from asking for its first batch to receiving its last."""
+    """Samples/s of one pass through ``loader``, from asking for its first batch to receiving its last (the wait
+    for the first batch is appended to :data:`FIRST_BATCH`)."""
     start = time.perf_counter()
-    n = sum(len(batch.ids) for batch, _ in loader)
+    n = 0
+    for batch, _ in loader:
+        if n == 0:
+            FIRST_BATCH.append(time.perf_counter() - start)
+        n += len(batch.ids)
     return n / (time.perf_counter() - start)
 
 
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> float:
             in_process = epoch_rate(build_loader(root, 0, args.batch_size))
         costs = stage_costs(root, args.batch_size) if args.breakdown else {}
         loader = build_loader(root, args.workers, args.batch_size)
+        FIRST_BATCH.clear()
         first = (decode_rate(root), epoch_rate(loader))  # starts (forks) the workers
         cpu_before = workers_cpu_seconds(loader)
         pairs = [(decode_rate(root), epoch_rate(loader)) for _ in range(repeats)]  # the same workers
@@ -242,6 +252,10 @@ def main(argv: list[str] | None = None) -> float:
     print(
         f"full loader ({args.workers} workers), first epoch:         {first[1]:8.1f} samples/s  "
         f"(starts the workers; {first[1] / first[0]:.3f} of decode)"
+    )
+    print(
+        f"first batch of an epoch after: {FIRST_BATCH[0]:.3f} s in the first (forks the workers), "
+        f"{statistics.median(FIRST_BATCH[1:]):.3f} s in the later ones (median)"
     )
     print(f"full loader ({args.workers} workers), later epochs:        {loader:8.1f} samples/s  (median)")
     if cpu_before is not None and cpu_after is not None:
