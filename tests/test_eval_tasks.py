@@ -16,6 +16,7 @@ from lit_mllm.data.shapesworld import ALL_KINDS, QUESTION_KINDS
 from lit_mllm.eval import EvalOutputs, PerGroup, ReplyExactMatch
 from lit_mllm.eval.baselines import answer_baselines, kind_table
 from lit_mllm.eval.metrics import reply_exact_match
+from lit_mllm.lit.base import supervised
 from tests.conftest import tiny_model
 
 QUESTION_STARTS = {
@@ -133,7 +134,8 @@ def test_bad_group_lists_are_refused(groups):
 
 def test_validation_logs_each_task_and_kind_and_the_overall_score_is_their_mix(world_root):
     """Two validation sources (single- and multi-image questions): ``val/<task>/accuracy`` per source, the overall
-    ``val/accuracy`` is their sample-weighted mean, and ``val/by_kind/<kind>`` appears for every kind asked."""
+    ``val/accuracy`` is their sample-weighted mean, ``val/<task>/loss`` per source with ``val/loss`` their
+    token-weighted mean, and ``val/by_kind/<kind>`` appears for every kind asked."""
     model = tiny_model()
     dm = MixtureData(
         str(world_root),
@@ -153,6 +155,17 @@ def test_validation_logs_each_task_and_kind_and_the_overall_score_is_their_mix(w
         / (n_single + n_multi),
         abs=1e-6,
     )
+    # the loss: per task over its supervised tokens, overall their token-weighted mean
+    tokens = {"single": 0, "multi": 0}
+    for batch, _ in dm.val_dataloader():
+        for i, source in enumerate(batch.sources):
+            tokens[source] += int(supervised(batch.labels[i : i + 1]).sum())
+    assert result["val/loss"] == pytest.approx(
+        (result["val/single/loss"] * tokens["single"] + result["val/multi/loss"] * tokens["multi"])
+        / (tokens["single"] + tokens["multi"]),
+        rel=1e-5,
+    )
+    assert abs(result["val/single/loss"] - result["val/multi/loss"]) > 1e-3  # two different means
     asked = {s.meta["kind"] for name in ("val.json", "multi_val.json") for s in read_llava(world_root / name)}
     assert {k.split("/")[-1] for k in result if k.startswith("val/by_kind/")} == asked
     assert "val/single/by_kind/colour" in result and "val/multi/by_kind/both" in result

@@ -75,19 +75,24 @@ def test_each_task_is_scored_by_its_own_metric_alone(shapes_root, monkeypatch):
     assert mixed["val/replies"] == mixed["val/zero_shot/replies"] == questions
     assert mixed["val/scored"] == 2 * questions
     assert mixed["val/zero_shot/scored"] == mixed["val/few_shot/scored"] == questions
-    # per-task copies exist only where a metric applies
-    assert {k for k in mixed if k.startswith("val/few_shot/")} == {"val/few_shot/scored"}
-    assert {k for k in mixed if k.startswith("val/text_choice/")} == {"val/text_choice/choice"}
+    # per-task copies exist only where a metric applies; every task has its loss
+    assert {k for k in mixed if k.startswith("val/few_shot/")} == {"val/few_shot/scored", "val/few_shot/loss"}
+    assert {k for k in mixed if k.startswith("val/text_choice/")} == {
+        "val/text_choice/choice",
+        "val/text_choice/loss",
+    }
     assert {k for k in mixed if k.startswith("val/zero_shot/") and "by_kind" not in k} == {
         "val/zero_shot/replies",
         "val/zero_shot/accuracy",
         "val/zero_shot/scored",
+        "val/zero_shot/loss",
     }
     assert any(k.startswith("val/zero_shot/by_kind/") for k in mixed)
 
     # each equals the unrestricted metric on its source alone
     alone = validate(shapes_root, {"q": zero_shot()}, {"accuracy": ReplyExactMatch(), "scored": _Scored()})
     assert mixed["val/accuracy"] == mixed["val/zero_shot/accuracy"] == pytest.approx(alone["val/accuracy"])
+    assert mixed["val/zero_shot/loss"] == pytest.approx(alone["val/loss"], rel=1e-5)
     assert alone["val/scored"] == questions
     choices = validate(shapes_root, {"q": text_choice()}, {"choice": ChoiceAccuracy()})
     assert mixed["val/choice"] == mixed["val/text_choice/choice"] == pytest.approx(choices["val/choice"])

@@ -17,7 +17,7 @@ names them in :meth:`VLMModule.parts`, gives :meth:`VLMModule.default_stage`, an
 :meth:`VLMModule.freeze_and_load`. See docs/families.md.
 
 Metric names are ``split/name``: ``train/loss``, ``train/loss/<source>``, ``val/loss``, ``val/<metric>``,
-``val/<task>/<metric>`` (per source, where the split has several), ``test/...``.
+``val/<task>/loss`` and ``val/<task>/<metric>`` (per source, where the split has several), ``test/...``.
 """
 
 from __future__ import annotations
@@ -161,8 +161,10 @@ class VLMModule(StagedModule):
             {split: nn.ModuleDict({n: m.clone() for n, m in metrics.items()}) for split in ("val", "test")}
         )
         self.split_losses = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
-        # per task (a split's source) when a split has several: {split: {task: {name: metric}}}, built in setup
+        # per task (a split's source) when a split has several: {split: {task: {name: metric}}} and
+        # {split: {task: loss}}, built in setup
         self.task_metrics = nn.ModuleDict()
+        self.task_losses = nn.ModuleDict()
         self.feature_cache = feature_cache
         self._tower_digest: str | None = None  # weights digest of the frozen tower, for the cache key
         # The checkpoint's hyperparameters: the settings of this call and of the family's own __init__ (Lightning
@@ -440,9 +442,22 @@ class VLMModule(StagedModule):
         if not len(batch):  # every sample of the batch was bad and skipped
             return
         logits = self(batch)
-        loss = lm_loss(logits, batch.labels, batch.ids)
-        self.split_losses[split].update(loss, weight=supervised(batch.labels).sum())
+        mask = supervised(batch.labels)
+        losses = token_losses(logits[:, :-1][mask], batch.labels[:, 1:][mask], batch.ids)  # [S]
+        self.split_losses[split].update(losses.mean(), weight=len(losses))
         self.log(f"{split}/loss", self.split_losses[split], prog_bar=True, batch_size=len(batch))
+        if split in self.task_losses:  # the mean over each task's supervised tokens
+            tasks = list(self.task_losses[split])
+            of_sample = torch.tensor([tasks.index(s) if s in tasks else -1 for s in batch.sources])
+            of_token = of_sample.to(losses.device)[
+                batch.sample_index[:, 1:][mask]
+            ]  # each supervised token's task
+            for k, task in enumerate(tasks):
+                take = of_token == k
+                if take.any():
+                    metric = self.task_losses[split][task]
+                    metric.update(losses[take].mean(), weight=take.sum())
+                    self.log(f"{split}/{task}/loss", metric, batch_size=batch.sources.count(task))
         outputs = EvalOutputs(batch, logits, self._generations(batch, split))
         for metric in self.split_metrics[split].values():
             _update(metric, outputs)
@@ -468,9 +483,10 @@ class VLMModule(StagedModule):
         return out
 
     def setup(self, stage: str) -> None:
-        """Per-task metrics: where a split has several sources, a copy of every metric that scores the source (its
-        ``tasks``), logged as ``<split>/<task>/<name>`` beside the split's overall ``<split>/<name>``. A metric
-        naming a task the split lacks is an error."""
+        """Per-task metrics: where a split has several sources, its loss over each source's supervised tokens and a
+        copy of every metric that scores the source (its ``tasks``), logged as ``<split>/<task>/loss`` and
+        ``<split>/<task>/<name>`` beside the split's overall ``<split>/<name>``. A metric naming a task the split
+        lacks is an error."""
         splits = getattr(self.trainer.datamodule, "splits", None) or {}
         evaluated = {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split, key in (("val", "validate"), ("test", "test")):
@@ -483,6 +499,8 @@ class VLMModule(StagedModule):
                             f"metric {name!r} scores tasks {unknown} that the {split} split does not have; its "
                             f"sources are {tasks} (data.init_args.{key.replace('validate', 'val')})"
                         )
+            if len(tasks) > 1 and split not in self.task_losses:
+                self.task_losses[split] = nn.ModuleDict({task: MeanMetric() for task in tasks})
             if len(tasks) > 1 and split not in self.task_metrics:
                 self.task_metrics[split] = nn.ModuleDict(
                     {
