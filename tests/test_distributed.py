@@ -612,3 +612,59 @@ def test_deepspeed_configs_without_deepspeed_name_the_install(name, shapes_root,
     """deepspeed is no dependency: Lightning stops at the Trainer with the pip command."""
     with pytest.raises(Exception, match="pip install -U deepspeed"):
         build_cli(stacked(name, shapes_root, tmp_path), run=False)
+
+
+# -- two processes: validation scores per task when a rank meets none of a task's samples ----------------------
+class SaveValidation(L.Callback):
+    """Each rank writes the validation figures it ends with to ``val<rank>.json`` in ``out``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        torch.set_num_threads(1)  # a forked worker must not enter the parent's OpenMP pool (it hangs)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        figures = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        (Path(self.out) / f"val{trainer.global_rank}.json").write_text(json.dumps(figures))
+
+
+def validate_on(root: Path, out: Path, devices: int) -> dict[str, float]:
+    model = build("prefix")
+    data = MixtureData(
+        str(root),
+        train={"a": Conversations("a.json")},
+        val={"a": Conversations("a.json"), "b": Conversations("b.json")},
+        batch_size=BATCH,
+        num_workers=0,
+    )
+    data.connect(model.processor())
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)) if devices > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveValidation(str(out))],
+    )
+    with child_env():
+        trainer.validate(model, data, verbose=False)
+    return json.loads((out / "val0.json").read_text())
+
+
+def test_per_task_scores_under_ddp_when_a_rank_meets_no_sample_of_a_task(shapes_root, tmp_path):
+    """Validation split over two ranks by Lightning's sampler: sources ``a`` (5 records) and ``b`` (1), 6 samples,
+    so rank 0 reads a0, a2, a4 and never meets ``b``. Every rank still computes every task's loss and metrics (a
+    rank that skipped one would leave the other in a collective until the timeout); both ranks end with the same
+    figures, the ones a single process computes."""
+    records = json.loads((shapes_root / "val.json").read_text())
+    (shapes_root / "a.json").write_text(json.dumps(records[:5]))
+    (shapes_root / "b.json").write_text(json.dumps(records[5:6]))
+    single = validate_on(shapes_root, tmp_path / "one", devices=1)
+    ranks = [validate_on(shapes_root, tmp_path / "two", devices=2)]
+    ranks.append(json.loads((tmp_path / "two" / "val1.json").read_text()))
+    for key in ("val/loss", "val/a/loss", "val/b/loss", "val/accuracy", "val/a/accuracy", "val/b/accuracy"):
+        assert ranks[0][key] == pytest.approx(ranks[1][key], rel=1e-5), key
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-4), key

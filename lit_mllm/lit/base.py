@@ -454,10 +454,8 @@ class VLMModule(StagedModule):
             ]  # each supervised token's task
             for k, task in enumerate(tasks):
                 take = of_token == k
-                if take.any():
-                    metric = self.task_losses[split][task]
-                    metric.update(losses[take].mean(), weight=take.sum())
-                    self.log(f"{split}/{task}/loss", metric, batch_size=batch.sources.count(task))
+                if take.any():  # logged at the epoch's end, on every rank (see _log_metrics)
+                    self.task_losses[split][task].update(losses[take].mean(), weight=take.sum())
         outputs = EvalOutputs(batch, logits, self._generations(batch, split))
         for metric in self.split_metrics[split].values():
             _update(metric, outputs)
@@ -514,6 +512,8 @@ class VLMModule(StagedModule):
     def _log_metrics(self, split: str) -> None:
         """Compute, log and reset the split's metrics (every rank computes: their states synchronise)."""
         groups = [("", self.split_metrics[split])]
+        if split in self.task_losses:  # computed on every rank even where a rank met none of a task's samples
+            groups += [(f"{task}/", {"loss": loss}) for task, loss in self.task_losses[split].items()]
         if split in self.task_metrics:
             groups += [(f"{task}/", metrics) for task, metrics in self.task_metrics[split].items()]
         with warnings.catch_warnings():  # a task a rank never met is computed from its empty state
