@@ -73,11 +73,27 @@ def token_losses(logits: Tensor, target: Tensor, ids: list[str] | None = None) -
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
-    """Mean next-token cross-entropy over supervised tokens: ``logits [B, L, V]`` predict ``labels [B, L]``
-    shifted by one (see :func:`token_losses`)."""
+def lm_token_losses(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
+    """Next-token cross-entropy of each supervised token, ``[S]`` in row-major order of the ``supervised(labels)``
+    mask: ``logits [B, L, V]`` predict ``labels [B, L]`` shifted by one (see :func:`token_losses`)."""
     mask = supervised(labels)
-    return token_losses(logits[:, :-1][mask], labels[:, 1:][mask], ids).mean()
+    return token_losses(logits[:, :-1][mask], labels[:, 1:][mask], ids)
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ids: list[str] | None = None) -> Tensor:
+    """Mean next-token cross-entropy over supervised tokens (:func:`lm_token_losses`)."""
+    return lm_token_losses(logits, labels, ids).mean()
+
+
+def sums_by_source(
+    losses: Tensor, of_token: Tensor, sources: list[str], names: list[str]
+) -> tuple[Tensor, Tensor]:
+    """``(sums [N], counts [N])`` of the token ``losses [S]`` of each source in ``names``: token ``t`` belongs to
+    sample ``of_token[t]`` of a batch whose samples come from ``sources`` (each one of ``names``)."""
+    of_sample = torch.tensor([names.index(s) for s in sources], device=losses.device)
+    owner = of_sample[of_token]
+    sums = torch.zeros(len(names), device=losses.device).index_add_(0, owner, losses.float())
+    return sums, torch.bincount(owner, minlength=len(names))
 
 
 @dataclass
@@ -426,10 +442,7 @@ class VLMModule(StagedModule):
         names = sorted(set(batch.sources))
         if names == [""]:  # samples not drawn from named sources
             return
-        of_sample = torch.tensor([names.index(s) for s in batch.sources], device=losses.device)
-        of_token = of_sample[which]
-        sums = torch.zeros(len(names), device=losses.device).index_add_(0, of_token, losses.float())
-        counts = torch.bincount(of_token, minlength=len(names))
+        sums, counts = sums_by_source(losses, which, batch.sources, names)
         for k, name in enumerate(names):
             if name:
                 self.log(
@@ -442,20 +455,16 @@ class VLMModule(StagedModule):
         if not len(batch):  # every sample of the batch was bad and skipped
             return
         logits = self(batch)
-        mask = supervised(batch.labels)
-        losses = token_losses(logits[:, :-1][mask], batch.labels[:, 1:][mask], batch.ids)  # [S]
+        losses = lm_token_losses(logits, batch.labels, batch.ids)  # [S]
         self.split_losses[split].update(losses.mean(), weight=len(losses))
         self.log(f"{split}/loss", self.split_losses[split], prog_bar=True, batch_size=len(batch))
-        if split in self.task_losses:  # the mean over each task's supervised tokens
+        if split in self.task_losses:  # the mean over each task's supervised tokens, logged in _log_metrics
             tasks = list(self.task_losses[split])
-            of_sample = torch.tensor([tasks.index(s) if s in tasks else -1 for s in batch.sources])
-            of_token = of_sample.to(losses.device)[
-                batch.sample_index[:, 1:][mask]
-            ]  # each supervised token's task
+            of_token = batch.sample_index[:, 1:][supervised(batch.labels)]  # each supervised token's sample
+            sums, counts = sums_by_source(losses, of_token, batch.sources, tasks)
             for k, task in enumerate(tasks):
-                take = of_token == k
-                if take.any():  # logged at the epoch's end, on every rank (see _log_metrics)
-                    self.task_losses[split][task].update(losses[take].mean(), weight=take.sum())
+                if counts[k]:
+                    self.task_losses[split][task].update(sums[k] / counts[k], weight=counts[k])
         outputs = EvalOutputs(batch, logits, self._generations(batch, split))
         for metric in self.split_metrics[split].values():
             _update(metric, outputs)
@@ -497,7 +506,7 @@ class VLMModule(StagedModule):
                             f"metric {name!r} scores tasks {unknown} that the {split} split does not have; its "
                             f"sources are {tasks} (data.init_args.{key.replace('validate', 'val')})"
                         )
-            if len(tasks) > 1 and split not in self.task_losses:
+            if len(tasks) > 1 and (split not in self.task_losses or list(self.task_losses[split]) != tasks):
                 self.task_losses[split] = nn.ModuleDict({task: MeanMetric() for task in tasks})
             if len(tasks) > 1 and split not in self.task_metrics:
                 self.task_metrics[split] = nn.ModuleDict(
