@@ -188,3 +188,27 @@ def test_baselines_per_kind_and_the_table_beside_the_scores(world_root):
     table = kind_table({"val/by_kind/colour": torch.tensor(0.5)}, scores)
     assert "colour" in table and "0.500" in table and "blind" in table
     assert kind_table({}, scores) == ""
+
+
+def test_per_task_losses_follow_the_split_of_each_run(world_root):
+    """One model validated on sources a + b, then on a + c: the second run logs ``val/c/loss`` (its own tasks)."""
+    records = json.loads((world_root / "val.json").read_text())
+    for name, part in (("a", records[:3]), ("b", records[3:5]), ("c", records[5:8])):
+        (world_root / f"part_{name}.json").write_text(json.dumps(part))
+    model = tiny_model()
+    logged = []
+    for val in (("a", "b"), ("a", "c")):
+        dm = MixtureData(
+            str(world_root),
+            train={"a": Conversations("part_a.json")},
+            val={name: Conversations(f"part_{name}.json") for name in val},
+            batch_size=4,
+            num_workers=0,
+        )
+        dm.connect(model.processor())
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        (result,) = trainer.validate(model, dm, verbose=False)
+        logged.append(sorted(k for k in result if k.endswith("/loss")))
+    assert logged == [["val/a/loss", "val/b/loss", "val/loss"], ["val/a/loss", "val/c/loss", "val/loss"]]
