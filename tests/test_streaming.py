@@ -134,7 +134,7 @@ def test_plan_on_shards_is_the_files_plan_across_ranks_workers_and_epochs(world,
         per_rank = []
         for rank in (0, 1):
             stream = MixtureStream(streamed._loader_for("fit"), streamed.mixture(), rank, 2, collate)
-            stream.epoch = epoch
+            stream.set_pass(epoch)
             loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=2)
             got = [(report.position, batch.ids) for batch, report in loader]
             expected = [

@@ -129,8 +129,8 @@ class MixtureStream(IterableDataset):
     """This rank's training batches of one epoch, built in the loader workers (worker ``w`` of ``W`` builds
     batches ``w, w + W, ...``, which the DataLoader yields in order).
 
-    The pass's ``epoch`` and first batch ``start`` live in shared memory: the workers persist across epochs (no
-    fork of the training process per epoch) and read both when the main process starts a pass."""
+    The pass's epoch and first batch (:meth:`set_pass`) live in shared memory: the workers persist across epochs
+    (no fork of the training process per epoch) and read both when a pass starts."""
 
     def __init__(
         self, loader: SampleLoader, mixture: Mixture, rank: int, world_size: int, collate_kwargs: dict
@@ -139,21 +139,9 @@ class MixtureStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self._pass = torch.zeros(2, dtype=torch.long).share_memory_()  # (epoch, start)
 
-    @property
-    def epoch(self) -> int:
-        return int(self._pass[0])
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._pass[0] = value
-
-    @property
-    def start(self) -> int:
-        return int(self._pass[1])
-
-    @start.setter
-    def start(self, value: int) -> None:
-        self._pass[1] = value
+    def set_pass(self, epoch: int, start: int = 0) -> None:
+        """The next pass is epoch ``epoch`` from its batch ``start`` (a resume's position)."""
+        self._pass[0], self._pass[1] = epoch, start
 
     def __len__(self) -> int:
         return self.mixture.num_batches(self.world_size)
@@ -161,7 +149,7 @@ class MixtureStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Batch, LoaderReport]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        epoch, start = self.epoch, self.start
+        epoch, start = self._pass.tolist()
         plan = self.mixture.batches(epoch, self.rank, self.world_size)
         for k in range(start + worker, len(plan), workers):
             batch, report = self.loader.batch(
@@ -212,9 +200,9 @@ class _EpochLoader(DataLoader):
 
     def _start_pass(self) -> Iterator[tuple[Batch, LoaderReport]]:
         trainer = self.datamodule.trainer
-        self.dataset.epoch = trainer.current_epoch if trainer is not None else 0
+        epoch = trainer.current_epoch if trainer is not None else 0
         resume = self.datamodule.resume_at
-        self.dataset.start = resume[1] if resume is not None and resume[0] == self.dataset.epoch else 0
+        self.dataset.set_pass(epoch, resume[1] if resume is not None and resume[0] == epoch else 0)
         self.datamodule.resume_at = None
         return DataLoader.__iter__(self)
 
