@@ -129,27 +129,22 @@ def build_loader(root: Path, workers: int, batch_size: int) -> DataLoader:
     return dm.train_dataloader()
 
 
-FIRST_BATCH: list[float] = []
-"""Seconds from asking for each timed pass's first batch to receiving it, in order."""
-
-
-def epoch_rate(loader: DataLoader) -> float:
-    """Samples/s of one pass through ``loader``, from asking for its first batch to receiving its last (the wait
-    for the first batch is appended to :data:`FIRST_BATCH`)."""
+def epoch_rate(loader: DataLoader) -> tuple[float, float]:
+    """``(samples/s, first-batch wait in s)`` of one pass through ``loader``, timed from asking for its first
+    batch to receiving its last."""
     start = time.perf_counter()
-    n = 0
+    n, first = 0, 0.0
     for batch, _ in loader:
         if n == 0:
-            FIRST_BATCH.append(time.perf_counter() - start)
+            first = time.perf_counter() - start
         n += len(batch.ids)
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), first
 
 
 def workers_cpu_seconds(loader: DataLoader) -> float | None:
     """User + system CPU seconds the loader's running workers have used so far (from ``/proc``; None elsewhere)."""
-    iterator = getattr(
-        loader, "_iterator", None
-    )  # torch's multi-process iterator, kept by persistent workers
+    # torch's multi-process iterator, which the loader keeps while its workers persist
+    iterator = getattr(loader, "_iterator", None)
     if iterator is None or not Path("/proc/self/stat").exists():
         return None
     total = 0
@@ -159,14 +154,14 @@ def workers_cpu_seconds(loader: DataLoader) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def stage_costs(root: Path, batch_size: int, rounds: int = 3) -> dict[str, float]:
+def stage_costs(stream, root: Path, batch_size: int, rounds: int = 3) -> dict[str, float]:
     """Milliseconds per sample of each stage of the loader's work, in this process on one thread, each the median
     of ``rounds`` interleaved passes over the data (the stages measured in the same minute): the reference decode,
     then what a loader worker does per sample, then the batch's collate in private and in shared memory (a worker
-    collates into shared memory so that the batch reaches the main process without a copy)."""
+    collates into shared memory so that the batch reaches the main process without a copy). ``stream``: the
+    dataset of a training loader from :func:`build_loader`."""
     from lit_mllm.data.collate import collate
 
-    stream = build_loader(root, 0, batch_size).dataset
     loader, processor = stream.loader, stream.loader.processor
     source = loader.sources["llava"]
     token = processor.image_token
@@ -231,14 +226,20 @@ def main(argv: list[str] | None = None) -> float:
         write_data(root, n, args.width, args.height)
         decode_rate(root)  # warm the page cache
         decode_resize = decode_resize_rate(root, 336)
+        without_workers = build_loader(root, 0, args.batch_size)
         with one_torch_thread():
-            in_process = epoch_rate(build_loader(root, 0, args.batch_size))
-        costs = stage_costs(root, args.batch_size) if args.breakdown else {}
+            in_process, _ = epoch_rate(without_workers)
+        costs = stage_costs(without_workers.dataset, root, args.batch_size) if args.breakdown else {}
         loader = build_loader(root, args.workers, args.batch_size)
-        FIRST_BATCH.clear()
-        first = (decode_rate(root), epoch_rate(loader))  # starts (forks) the workers
+        first_decode = decode_rate(root)
+        first, first_wait = epoch_rate(loader)  # starts (forks) the workers
         cpu_before = workers_cpu_seconds(loader)
-        pairs = [(decode_rate(root), epoch_rate(loader)) for _ in range(repeats)]  # the same workers
+        pairs, waits = [], []
+        for _ in range(repeats):  # the same workers
+            decode = decode_rate(root)
+            rate, wait = epoch_rate(loader)
+            pairs.append((decode, rate))
+            waits.append(wait)
         cpu_after = workers_cpu_seconds(loader)
         del loader  # stops the workers before their data goes
     ratios = [loader / decode for decode, loader in pairs]
@@ -250,12 +251,12 @@ def main(argv: list[str] | None = None) -> float:
     print(f"decode + resize to 336 as the loader (1 process): {decode_resize:8.1f} samples/s")
     print(f"loader without workers (this process):           {in_process:8.1f} samples/s")
     print(
-        f"full loader ({args.workers} workers), first epoch:         {first[1]:8.1f} samples/s  "
-        f"(starts the workers; {first[1] / first[0]:.3f} of decode)"
+        f"full loader ({args.workers} workers), first epoch:         {first:8.1f} samples/s  "
+        f"(starts the workers; {first / first_decode:.3f} of decode)"
     )
     print(
-        f"first batch of an epoch after: {FIRST_BATCH[0]:.3f} s in the first (forks the workers), "
-        f"{statistics.median(FIRST_BATCH[1:]):.3f} s in the later ones (median)"
+        f"first batch of an epoch after: {first_wait:.3f} s in the first (forks the workers), "
+        f"{statistics.median(waits):.3f} s in the later ones (median)"
     )
     print(f"full loader ({args.workers} workers), later epochs:        {loader:8.1f} samples/s  (median)")
     if cpu_before is not None and cpu_after is not None:
